@@ -1,0 +1,60 @@
+"""The `finetune` command line: parse → load config → call a recipe. No ML logic lives here.
+
+Only ``finetune.config`` and ``finetune.errors`` are imported at module level; everything heavy is imported inside
+the command that needs it, so ``finetune --help`` and config errors never import torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from finetune.config import ConfigError, dump_config, load_config
+from finetune.errors import EXIT_USAGE, FinetuneError
+
+app = typer.Typer(
+    help="Fine-tune FLUX.1 with LoRA, locally or on Replicate, and compare the versions you get.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigArg = Annotated[str, typer.Argument(help="YAML config file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides, e.g. lora.rank=32 train.steps=500.", show_default=False)
+]
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print ``message`` as an error to stderr and return the Exit to raise."""
+    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+@config_app.command("show")
+def config_show(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Print the resolved config: every default written out, overrides applied."""
+    typer.echo(dump_config(load_config(config, overrides or [])), nl=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps user errors to a clear message and a meaningful exit code."""
+    try:
+        app(args=argv, prog_name="finetune")
+    except ConfigError as e:
+        typer.secho(f"Error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(EXIT_USAGE)
+    except FinetuneError as e:
+        typer.secho(f"Error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("Interrupted.", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

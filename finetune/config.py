@@ -1,0 +1,413 @@
+"""The run schema: every setting of `finetune train` (both backends), its default, type and allowed range.
+
+One YAML file drives a run. Values are coerced by their declared type (PyYAML reads ``1e-4`` as a string), unknown
+keys fail with a "did you mean", and every error is collected before any is raised, so a user fixes a config in one
+pass. This module imports nothing from ``finetune`` and no torch: config errors are reported in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "LoraConfig",
+    "RemoteConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
+
+PRESETS = ("preset:tiny", "preset:small")
+DEFAULT_PROMPTS = (
+    "a photo of [trigger]",
+    "a photo of [trigger] on a beach at sunset",
+    "an oil painting of [trigger]",
+    "a photo of a cat sitting on a chair",
+)
+SIGMA_SAMPLING_RE = re.compile(r"^(flux_shift|logit_normal|uniform|shift=\d+(\.\d+)?)$")
+OUTPUT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _meta(doc: str, *, ge: float | None = None, le: float | None = None, pattern: re.Pattern | None = None) -> dict:
+    return {"doc": doc, "ge": ge, "le": le, "pattern": pattern}
+
+
+def _field(default: Any, doc: str, **bounds: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=_meta(doc, **bounds))
+    return field(default=default, metadata=_meta(doc, **bounds))
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _field(16, "LoRA rank r; trainable parameters grow linearly with it.", ge=1, le=256)
+    alpha: float = _field(16.0, "Adapter scale is alpha / rank; keep equal to rank unless sweeping.", ge=0.0)
+    targets: str | list[str] = _field(
+        "all-linear",
+        "'all-linear' (every Linear in the transformer blocks), 'attention', or a list of module-name suffixes.",
+    )
+    dropout: float = _field(0.0, "LoRA dropout probability.", ge=0.0, le=1.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _field(1000, "Optimizer steps.", ge=1)
+    seed: int = _field(0, "Seeds noise, sigmas, caption dropout, data order and LoRA init.", ge=0)
+    resolution: list[int] = _field([512, 768, 1024], "Bucket resolutions in pixels (area res²); multiples of 16.")
+    batch_size: int = _field(1, "Images per optimizer step across all processes, before accumulation.", ge=1)
+    gradient_accumulation: int = _field(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    learning_rate: float = _field(1e-4, "Peak learning rate.", ge=0.0, le=1.0)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = _field("adamw", "adamw8bit needs CUDA + bitsandbytes.")
+    weight_decay: float = _field(1e-4, "Decoupled weight decay.", ge=0.0)
+    lr_scheduler: Literal["constant", "cosine"] = _field("constant", "Schedule after warm-up.")
+    warmup_steps: int = _field(0, "Linear warm-up steps.", ge=0)
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 disables clipping.", ge=0.0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _field("auto", "auto: bf16 on CUDA, none on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "auto", "Base weights dtype; auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    gradient_checkpointing: bool = _field(False, "Trade ~30% speed for much less activation memory.")
+    caption_dropout: float = _field(0.05, "Probability of training on the empty caption.", ge=0.0, le=1.0)
+    sigma_sampling: str = _field(
+        "flux_shift",
+        "flux_shift (logit-normal + resolution shift), logit_normal, uniform, or shift=N (fixed shift).",
+        pattern=SIGMA_SAMPLING_RE,
+    )
+    guidance: float = _field(1.0, "Guidance embedding while training FLUX.1-dev (ignored by schnell).", ge=0.0)
+    max_sequence_length: int = _field(0, "T5 tokens; 0 = 512 for dev, 256 for schnell.", ge=0, le=512)
+    save_every: int = _field(250, "Checkpoint every N steps; 0 saves only at the end.", ge=0)
+    cache_dir: str = _field("", "Latent/text cache; empty = $FINETUNE_HOME/cache, shared by all runs.")
+    output_dir: str = _field("", "Run folder; empty = runs/<name>-<timestamp>.")
+    compile: bool = _field(False, "torch.compile the transformer.")
+    device: str = _field("auto", "auto, cpu, cuda, cuda:N.")
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = _field(list(DEFAULT_PROMPTS), "Prompts rendered during training; [trigger] is replaced.")
+    seeds: list[int] = _field([42], "One image per prompt and seed.")
+    every: int = _field(250, "Render samples every N steps (and at step 0); 0 disables.", ge=0)
+    steps: int = _field(0, "Sampling steps; 0 = the base model's default.", ge=0)
+    guidance: float = _field(0.0, "Guidance scale; 0 = the base model's default.", ge=0.0)
+    size: int = _field(0, "Square sample size in pixels; 0 = the base model's default.", ge=0)
+
+
+@dataclass
+class RemoteConfig:
+    trainer: str = _field("ostris/flux-dev-lora-trainer", "Replicate trainer, owner/name or owner/name:version.")
+    destination: str = _field("", "Replicate model that receives the version; empty = the config's output.")
+    hardware: str = _field("cpu", "Hardware of the destination model when it is created.")
+    hf_repo_id: str = _field("", "Opt in: the trainer pushes the LoRA to this Hugging Face repo (needs HF_TOKEN).")
+    wandb_project: str = _field("", "Opt in: the trainer logs to this W&B project (needs WANDB_API_KEY).")
+    webhook: str = _field("", "URL Replicate posts training events to.")
+
+
+@dataclass
+class Config:
+    base_model: str = _field(
+        "black-forest-labs/FLUX.1-dev", "Hub id, local folder, or preset:tiny|preset:small (random weights)."
+    )
+    output: str = _field("local/flux-lora", "Registry model (owner/name) that receives the new version.")
+    dataset: str = _field("", "Dataset zip from `finetune prepare` (or an https:// URL for the remote backend).")
+    trigger_word: str = _field("TOK", "Word that names the subject or style in captions and prompts.")
+    backend: Literal["local", "replicate"] = _field("local", "Where training runs.")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata=_meta("LoRA adapter."))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_meta("Local training."))
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata=_meta("Samples during training."))
+    remote: RemoteConfig = field(default_factory=RemoteConfig, metadata=_meta("Replicate backend."))
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False, metadata={"internal": True})
+    """Dotted keys the user set (in the file or as overrides); the remote backend reports those it cannot honour."""
+
+    @property
+    def is_schnell(self) -> bool:
+        return "schnell" in self.base_model.lower()
+
+    @property
+    def sequence_length(self) -> int:
+        """T5 tokens: the configured value, else 256 for schnell and 512 for dev (reference/local-trainers.md §0)."""
+        return self.train.max_sequence_length or (256 if self.is_schnell else 512)
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config; ``errors`` holds one message per problem."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = errors
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"{len(errors)} problem(s){where}:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+# ---- schema walking -------------------------------------------------------------------------------------------
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``lora.rank``."""
+    keys = []
+    hints = _hints(cls)
+    for name in _fields(cls):
+        if dataclasses.is_dataclass(hints[name]):
+            keys += all_keys(hints[name], f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _did_you_mean(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not match:  # a key placed in the wrong section: `rank` for `lora.rank`
+        tail = key.rsplit(".", 1)[-1]
+        match = [c for c in candidates if c.rsplit(".", 1)[-1] == tail][:1]
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert ``value`` to the declared type ``tp`` or raise ValueError with a short reason."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}{hint}")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"must be {_type_name(tp)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp is not str:
+            value = [v for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"must be a {_type_name(tp)}")
+        return [_coerce(v, item_tp) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        raise ValueError("must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+            try:
+                as_float = float(value)
+            except ValueError:
+                pass
+            else:
+                if as_float.is_integer():
+                    return int(as_float)
+        raise ValueError("must be an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ValueError("must be a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError("must be a string")
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _check_bounds(key: str, value: Any, meta: dict, errors: list[str]) -> None:
+    ge, le, pattern = meta.get("ge"), meta.get("le"), meta.get("pattern")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (ge is not None and value < ge) or (le is not None and value > le):
+            lo = "-inf" if ge is None else f"{ge:g}"
+            hi = "inf" if le is None else f"{le:g}"
+            errors.append(f"{key}: {value!r} is out of range; allowed [{lo}, {hi}]")
+    if pattern is not None and isinstance(value, str) and not pattern.match(value):
+        errors.append(f"{key}: {value!r} is not valid; {meta['doc']}")
+
+
+def _build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
+    fields = _fields(cls)
+    hints = _hints(cls)
+    candidates = all_keys(Config)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in fields:
+            errors.append(f"unknown key '{dotted}'{_did_you_mean(dotted, candidates)}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                errors.append(f"{dotted}: must be a mapping of {', '.join(_fields(tp))}")
+                continue
+            kwargs[key] = _build(tp, value, dotted + ".", errors)
+            continue
+        try:
+            coerced = _coerce(value, tp)
+        except ValueError as e:
+            errors.append(f"{dotted}: {value!r} {e}")
+            continue
+        _check_bounds(dotted, coerced, fields[key].metadata, errors)
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, errors: list[str]) -> None:
+    """Cross-field checks that a single field's type and range cannot express."""
+    for res in cfg.train.resolution:
+        if res <= 0 or res % 16:
+            errors.append(
+                f"train.resolution: {res} is not a positive multiple of 16 (FLUX: VAE ×8 then 2×2 packing); "
+                f"try {max(16, round(res / 16) * 16)}"
+            )
+    if not cfg.train.resolution:
+        errors.append("train.resolution: needs at least one resolution, e.g. [512]")
+    if not OUTPUT_RE.match(cfg.output):
+        errors.append(f"output: {cfg.output!r} must look like owner/name (letters, digits, '-', '_', '.')")
+    if not cfg.trigger_word.strip():
+        errors.append("trigger_word: must not be empty")
+    if isinstance(cfg.lora.targets, str) and cfg.lora.targets not in ("all-linear", "attention"):
+        errors.append(f"lora.targets: {cfg.lora.targets!r} must be 'all-linear', 'attention' or a list of modules")
+    if isinstance(cfg.lora.targets, list) and not cfg.lora.targets:
+        errors.append("lora.targets: an empty list trains nothing")
+    if cfg.remote.destination and not OUTPUT_RE.match(cfg.remote.destination):
+        errors.append(f"remote.destination: {cfg.remote.destination!r} must look like owner/name")
+
+
+def _flatten(data: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in data.items():
+        if isinstance(v, dict):
+            keys |= _flatten(v, f"{prefix}{k}.")
+        else:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+# ---- public API ----------------------------------------------------------------------------------------------
+
+
+def parse_config(data: dict | None, source: str | None = None) -> Config:
+    """Build and validate a Config from a plain mapping (as read from YAML). Raises ConfigError with every problem."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of keys, got {type(data).__name__}"], source)
+    errors: list[str] = []
+    cfg = _build(Config, data, "", errors)  # a field with a bad value keeps its default, so cross-checks still run
+    _validate(cfg, errors)
+    if errors:
+        raise ConfigError(errors, source)
+    return dataclasses.replace(cfg, explicit=frozenset(_flatten(data)))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key=value`` overrides (``lora.rank=32``) to a raw mapping; values are parsed as YAML scalars."""
+    data = dict(data)
+    errors = []
+    for item in overrides:
+        if "=" not in item:
+            errors.append(f"override {item!r} must look like key=value, e.g. lora.rank=32")
+            continue
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    if errors:
+        raise ConfigError(errors, "overrides")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict = {}
+    source = str(path) if path else "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"], str(path))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"the top level must be a mapping of keys, got {type(data).__name__}"], str(path))
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides"
+    return parse_config(data, source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as a plain mapping (every default written out), without internal fields."""
+    out = {}
+    for name in _fields(type(cfg)):
+        value = getattr(cfg, name)
+        out[name] = config_to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of the resolved config; loading it back gives an equal Config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
