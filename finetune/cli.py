@@ -41,6 +41,56 @@ def config_show(config: ConfigArg, overrides: OverridesArg = None) -> None:
     typer.echo(dump_config(load_config(config, overrides or [])), nl=False)
 
 
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="local or replicate; overrides the config.")]
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    backend: BackendOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the newest run of this config (or RUN_DIR given after it).")
+    ] = False,
+    allow_unmapped: Annotated[
+        bool, typer.Option("--allow-unmapped", help="Remote: submit even though some settings cannot be honoured.")
+    ] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Remote: return right after the training is created.")
+    ] = False,
+    cancel_on_interrupt: Annotated[
+        bool, typer.Option("--cancel-on-interrupt", help="Remote: Ctrl-C cancels the training instead of detaching.")
+    ] = False,
+    webhook: Annotated[
+        str | None, typer.Option("--webhook", help="Remote: URL that receives training events.")
+    ] = None,
+) -> None:
+    """Train a LoRA (locally with accelerate, or on Replicate) and register it as a new version."""
+    overrides = list(overrides or [])
+    run_dir = None
+    # `--resume RUN_DIR`: a positional without '=' right after the flag is the run folder, not an override.
+    if resume and overrides and "=" not in overrides[0]:
+        run_dir = overrides.pop(0)
+    if backend is not None:
+        overrides.append(f"backend={backend}")
+    cfg = load_config(config, overrides)
+    if cfg.backend == "replicate":
+        from finetune.recipes.train_remote import train_remote
+
+        train_remote(
+            cfg,
+            allow_unmapped=allow_unmapped,
+            detach=detach,
+            cancel_on_interrupt=cancel_on_interrupt,
+            webhook=webhook,
+        )
+        return
+    from finetune.recipes.train_local import train as train_local
+
+    version = train_local(cfg, resume=run_dir or resume)
+    typer.echo(version.ref)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps user errors to a clear message and a meaningful exit code."""
     try:
