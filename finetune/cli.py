@@ -91,6 +91,67 @@ def train(
     typer.echo(version.ref)
 
 
+models_app = typer.Typer(
+    help="The local model registry: list, show, remove and export versions.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List models with their version count and latest version."""
+    from finetune.registry import Registry
+
+    registry = Registry()
+    models = registry.models()
+    if not models:
+        typer.echo(f"No models yet in {registry.root}. Train one with `finetune train CONFIG`.")
+        return
+    rows = [("MODEL", "VERSIONS", "LATEST", "CREATED", "BASE")]
+    for model in models:
+        versions = registry.versions(model)
+        latest = versions[-1]
+        rows.append(
+            (
+                model,
+                str(len(versions)),
+                latest.short_id,
+                latest.info.get("created_at", ""),
+                latest.lineage.get("base_model", ""),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@models_app.command("show")
+def models_show(ref: Annotated[str, typer.Argument(help="owner/name or owner/name:<version id>.")]) -> None:
+    """Show one version: its path, every version of the model, and its model.json."""
+    import json
+
+    from finetune.registry import Registry
+
+    registry = Registry()
+    version = registry.resolve(ref)
+    typer.echo(f"{version.ref}  {version.path}")
+    for other in registry.versions(version.model):
+        mark = "*" if other.id == version.id else " "
+        typer.echo(f" {mark} {other.short_id}  {other.info.get('created_at', '')}  {other.lineage.get('backend', '')}")
+    typer.echo(json.dumps(version.info, indent=2, sort_keys=True))
+
+
+@models_app.command("rm")
+def models_rm(
+    ref: Annotated[str, typer.Argument(help="owner/name:<version id> removes one version; owner/name the model.")],
+) -> None:
+    """Remove a version (or a whole model). Asks nothing; a missing reference is an error."""
+    from finetune.registry import Registry
+
+    removed = Registry().remove(ref)
+    typer.echo(f"Removed {ref if ':' not in ref else removed.ref}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps user errors to a clear message and a meaningful exit code."""
     try:

@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from finetune.config import Config, ConfigError, dump_config, load_config, parse_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.lora.rank == 16 and cfg.train.resolution == [512, 768, 1024]
+    assert load_config(write(tmp_path, dump_config(cfg))) == cfg
+
+
+def test_values_are_coerced_by_declared_type(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  learning_rate: 1e-4\n  steps: '200'\n  resolution: 512\n"))
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.train.steps == 200
+    assert cfg.train.resolution == [512]
+
+
+def test_dotted_overrides_and_explicit_keys(tmp_path):
+    cfg = load_config(write(tmp_path, "lora:\n  rank: 8\n"), ["lora.rank=32", "train.resolution=[256,512]"])
+    assert cfg.lora.rank == 32
+    assert cfg.train.resolution == [256, 512]
+    assert cfg.explicit == {"lora.rank", "train.resolution"}
+
+
+def test_unknown_keys_suggest_the_closest(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "lora:\n  rnak: 3\nrank: 4\n"))
+    assert "unknown key 'lora.rnak' (did you mean 'lora.rank'?)" in str(e.value)
+    assert "unknown key 'rank' (did you mean 'lora.rank'?)" in str(e.value)
+
+
+def test_all_errors_are_collected_with_key_value_and_range():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"lora": {"rank": 0}, "train": {"resolution": [500], "optimizer": "adamw9", "steps": "many"}})
+    errors = e.value.errors
+    assert len(errors) == 4
+    assert "lora.rank: 0 is out of range; allowed [1, 256]" in errors
+    assert any("train.resolution: 500" in msg and "496" in msg for msg in errors)
+    assert any("train.optimizer" in msg and "did you mean 'adamw'" in msg for msg in errors)
+    assert any("train.steps: 'many' must be an integer" in msg for msg in errors)
+
+
+def test_bad_yaml_and_missing_file_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "lora: [\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- 1\n"))
+
+
+def test_sequence_length_follows_the_base_model():
+    assert Config().sequence_length == 512
+    assert parse_config({"base_model": "black-forest-labs/FLUX.1-schnell"}).sequence_length == 256
+    assert parse_config({"train": {"max_sequence_length": 64}}).sequence_length == 64
+
+
+def test_sigma_sampling_modes():
+    assert parse_config({"train": {"sigma_sampling": "shift=3.0"}}).train.sigma_sampling == "shift=3.0"
+    with pytest.raises(ConfigError, match="train.sigma_sampling"):
+        parse_config({"train": {"sigma_sampling": "cosine"}})
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_configs_folder_is_not_empty():
+    assert CONFIGS, "configs/ ships at least one config"
