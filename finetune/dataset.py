@@ -1,0 +1,278 @@
+"""Read and check a dataset zip, assign images to aspect buckets, and order batches deterministically.
+
+The zip contract (DESIGN.md): flat ``<stem>.jpg|png`` + ``<stem>.txt`` (UTF-8, one line, contains the trigger word)
+and ``metadata.jsonl`` rows ``{file_name, text, width, height, sha256, source}``. A zip not made by ``prepare`` is
+checked against it before any model loads; every problem is collected and reported at once, naming the entry.
+
+Buckets are by area: for each training resolution ``R`` an image goes to the bucket of area ≈ R² with the closest
+aspect ratio, sides multiples of ``multiple`` (2 × the VAE scale factor: 16 for FLUX.1), scaled to cover and centre
+cropped, never upscaled. The batch order depends only on the seed and the micro-batch index, never on the number
+of processes: each global batch comes from one bucket and each sample's randomness from (seed, index, sample id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from finetune.errors import FinetuneError
+
+__all__ = [
+    "Dataset",
+    "Entry",
+    "Item",
+    "assign_buckets",
+    "batch_at",
+    "batches_per_epoch",
+    "bucket_for",
+    "bucket_sizes",
+    "epoch_batches",
+    "file_sha256",
+    "load_bucket_image",
+    "read_dataset",
+    "sample_seed",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+METADATA = "metadata.jsonl"
+MAX_ASPECT = 4.0  # buckets span aspect ratios 1:4 … 4:1 (ai-toolkit and kohya use similar limits)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of the dataset: its zip entry name, caption, size in pixels and content hash."""
+
+    name: str
+    caption: str
+    width: int
+    height: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    path: Path
+    digest: str  # sha256 of the zip file: the dataset identity recorded in lineage
+    items: tuple[Item, ...]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A training example: image ``item`` (index into Dataset.items) resized and cropped to ``bucket`` (w, h)."""
+
+    item: int
+    bucket: tuple[int, int]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fail(path: Path, problems: list[str]) -> FinetuneError:
+    shown = "\n".join(f"  - {p}" for p in problems[:20])
+    more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return FinetuneError(
+        f"dataset {path} does not follow the dataset zip contract ({len(problems)} problem(s)):\n{shown}{more}\n"
+        "Each image <stem>.jpg|png needs a one-line UTF-8 caption <stem>.txt in the zip's top level; "
+        "`finetune prepare IMAGES --trigger-word WORD -o data.zip` builds a valid zip."
+    )
+
+
+def read_dataset(path: str | Path, trigger_word: str) -> Dataset:
+    """Open the zip at ``path`` and check it against the contract; raise FinetuneError listing every problem."""
+    path = Path(path).expanduser()
+    if not str(path) or str(path) == ".":
+        raise FinetuneError("dataset: no dataset zip given; set `dataset: path/to/data.zip` in the config")
+    if not path.is_file():
+        raise FinetuneError(f"dataset {path} does not exist; build one with `finetune prepare IMAGES -o {path}`")
+    if not zipfile.is_zipfile(path):
+        raise FinetuneError(f"dataset {path} is not a zip file; build one with `finetune prepare IMAGES -o {path}`")
+    problems: list[str] = []
+    with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if not n.endswith("/")]
+        images = {n.rsplit(".", 1)[0]: n for n in names if n.lower().endswith(IMAGE_SUFFIXES)}
+        captions = {n[: -len(".txt")]: n for n in names if n.endswith(".txt")}
+        for n in names:
+            if "/" in n:
+                problems.append(f"{n}: entries must sit at the top level of the zip (no folders)")
+            elif n != METADATA and not n.lower().endswith((*IMAGE_SUFFIXES, ".txt")):
+                problems.append(f"{n}: unexpected file; only images, .txt captions and {METADATA} belong here")
+        for stem in sorted(images.keys() - captions.keys()):
+            problems.append(f"{images[stem]}: caption {stem}.txt is missing")
+        for stem in sorted(captions.keys() - images.keys()):
+            problems.append(f"{captions[stem]}: image {stem}.jpg or {stem}.png is missing")
+        if not images:
+            problems.append("no images (.jpg or .png) in the zip")
+        metadata = _read_metadata(zf, names, problems)
+        items = []
+        for stem in sorted(images.keys() & captions.keys()):
+            item = _check_pair(zf, images[stem], captions[stem], trigger_word, metadata.get(images[stem]), problems)
+            if item is not None:
+                items.append(item)
+    if problems:
+        raise _fail(path, problems)
+    return Dataset(path=path, digest=file_sha256(path), items=tuple(items))
+
+
+def _read_metadata(zf: zipfile.ZipFile, names: list[str], problems: list[str]) -> dict[str, dict]:
+    """Rows of metadata.jsonl by file_name; a zip without it (made by hand) is accepted, a broken one is not."""
+    if METADATA not in names:
+        return {}
+    rows = {}
+    for i, line in enumerate(zf.read(METADATA).decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{METADATA} line {i}: not valid JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            problems.append(f"{METADATA} line {i}: needs a 'file_name' string")
+            continue
+        if row["file_name"] not in names:
+            problems.append(f"{METADATA} line {i}: file_name {row['file_name']!r} is not in the zip")
+        rows[row["file_name"]] = row
+    return rows
+
+
+def _check_pair(
+    zf: zipfile.ZipFile, image_name: str, caption_name: str, trigger_word: str, row: dict | None, problems: list[str]
+) -> Item | None:
+    raw = zf.read(caption_name)
+    try:
+        caption = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        problems.append(f"{caption_name}: caption is not UTF-8 text")
+        return None
+    if not caption:
+        problems.append(f"{caption_name}: caption is empty")
+    elif "\n" in caption:
+        problems.append(f"{caption_name}: caption must be one line")
+    elif trigger_word and trigger_word not in caption:
+        problems.append(f"{caption_name}: caption {caption!r} does not contain the trigger word {trigger_word!r}")
+    data = zf.read(image_name)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Exception as e:  # PIL raises many types for broken files
+        problems.append(f"{image_name}: not a readable image ({type(e).__name__}: {e})")
+        return None
+    sha = hashlib.sha256(data).hexdigest()
+    if row is not None:
+        for key, value in (("width", width), ("height", height), ("sha256", sha), ("text", caption)):
+            if key in row and row[key] != value:
+                problems.append(f"{METADATA}: {key} of {image_name} is {row[key]!r} but the file says {value!r}")
+    if min(width, height) < 16:
+        problems.append(f"{image_name}: {width}x{height} is too small to train on (at least 16 px a side)")
+    return Item(name=image_name, caption=caption, width=width, height=height, sha256=sha)
+
+
+# ---- aspect buckets ------------------------------------------------------------------------------------------
+
+
+def bucket_sizes(resolution: int, multiple: int = 16) -> list[tuple[int, int]]:
+    """Buckets (w, h) of area ≤ resolution², sides multiples of ``multiple``, aspect within 1:4 … 4:1.
+
+    For each width the height is the largest multiple that keeps the area within budget (ai-toolkit's scheme).
+    """
+    area = resolution * resolution
+    sizes = set()
+    for w in range(multiple, int(resolution * math.sqrt(MAX_ASPECT)) + 1, multiple):
+        h = (area // w) // multiple * multiple
+        if h >= multiple and 1 / MAX_ASPECT <= w / h <= MAX_ASPECT:
+            sizes.add((w, h))
+            sizes.add((h, w))
+    return sorted(sizes)
+
+
+def bucket_for(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
+    """The bucket (w, h) for an image: closest aspect ratio (log scale), then shrunk to never upscale the image."""
+    target = math.log(width / height)
+    bw, bh = min(bucket_sizes(resolution, multiple), key=lambda s: (abs(math.log(s[0] / s[1]) - target), -s[0] * s[1]))
+    scale = max(bw / width, bh / height)  # the resize factor that makes the image cover the bucket
+    if scale > 1:  # the image is smaller than the bucket: shrink the bucket, keep its aspect
+        bw = max(multiple, int(bw / scale) // multiple * multiple)
+        bh = max(multiple, int(bh / scale) // multiple * multiple)
+    return bw, bh
+
+
+def assign_buckets(items: tuple[Item, ...], resolutions: list[int], multiple: int = 16) -> list[Entry]:
+    """One entry per (image, resolution); an image too small for several resolutions lands once per distinct size."""
+    entries = []
+    for i, item in enumerate(items):
+        seen = set()
+        for res in resolutions:
+            bucket = bucket_for(item.width, item.height, res, multiple)
+            if bucket not in seen:
+                seen.add(bucket)
+                entries.append(Entry(item=i, bucket=bucket))
+    return entries
+
+
+def load_bucket_image(zf: zipfile.ZipFile, name: str, bucket: tuple[int, int]) -> Image.Image:
+    """Decode ``name`` as RGB, scale to cover ``bucket`` (w, h) and centre crop to it exactly."""
+    with Image.open(io.BytesIO(zf.read(name))) as im:
+        im = im.convert("RGB")
+    bw, bh = bucket
+    scale = max(bw / im.width, bh / im.height)
+    size = (max(bw, round(im.width * scale)), max(bh, round(im.height * scale)))
+    if size != im.size:
+        im = im.resize(size, Image.Resampling.LANCZOS)
+    left, top = (im.width - bw) // 2, (im.height - bh) // 2
+    return im.crop((left, top, left + bw, top + bh))
+
+
+# ---- deterministic order and per-sample randomness -----------------------------------------------------------
+
+
+def sample_seed(seed: int, index: int, sample_id: int, stream: str = "") -> int:
+    """A 63-bit seed from (run seed, micro-batch index, sample id, stream), so randomness is independent of
+    the process count, the step a run resumed at and the order samples are drawn in."""
+    digest = hashlib.blake2b(f"{seed}:{index}:{sample_id}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def epoch_batches(entries: list[Entry], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Every global micro-batch of ``epoch`` (lists of entry indices), each from one bucket, in a seeded order."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, e in enumerate(entries):
+        by_bucket.setdefault(e.bucket, []).append(i)
+    rng = random.Random(sample_seed(seed, epoch, -1, "epoch"))
+    batches = []
+    for bucket in sorted(by_bucket):
+        members = by_bucket[bucket]
+        rng.shuffle(members)
+        # a bucket's last partial batch is filled from the start of its own shuffled list, so no image is dropped
+        n = math.ceil(len(members) / batch_size) * batch_size
+        padded = [members[i % len(members)] for i in range(n)]
+        batches += [padded[i : i + batch_size] for i in range(0, n, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batches_per_epoch(entries: list[Entry], batch_size: int) -> int:
+    counts: dict[tuple[int, int], int] = {}
+    for e in entries:
+        counts[e.bucket] = counts.get(e.bucket, 0) + 1
+    return sum(math.ceil(n / batch_size) for n in counts.values())
+
+
+def batch_at(entries: list[Entry], batch_size: int, seed: int, index: int) -> list[int]:
+    """Entry indices of global micro-batch ``index``: a pure function of the entries, batch size, seed and index."""
+    epoch, pos = divmod(index, batches_per_epoch(entries, batch_size))
+    return epoch_batches(entries, batch_size, seed, epoch)[pos]
