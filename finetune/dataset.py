@@ -201,14 +201,15 @@ def bucket_sizes(resolution: int, multiple: int = 16) -> list[tuple[int, int]]:
 
 
 def bucket_for(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
-    """The bucket (w, h) for an image: closest aspect ratio (log scale), then shrunk to never upscale the image."""
+    """The bucket (w, h) for an image: closest aspect ratio (log scale, ties to the larger area) among the buckets
+    that fit inside the image, so it is never upscaled. An image smaller than resolution² uses its own area budget.
+    """
     target = math.log(width / height)
-    bw, bh = min(bucket_sizes(resolution, multiple), key=lambda s: (abs(math.log(s[0] / s[1]) - target), -s[0] * s[1]))
-    scale = max(bw / width, bh / height)  # the resize factor that makes the image cover the bucket
-    if scale > 1:  # the image is smaller than the bucket: shrink the bucket, keep its aspect
-        bw = max(multiple, int(bw / scale) // multiple * multiple)
-        bh = max(multiple, int(bh / scale) // multiple * multiple)
-    return bw, bh
+    budget = min(resolution, math.isqrt(width * height))
+    fits = [(w, h) for w, h in bucket_sizes(budget, multiple) if w <= width and h <= height]
+    if not fits:  # a thin sliver: the largest multiples inside the image
+        return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+    return min(fits, key=lambda s: (abs(math.log(s[0] / s[1]) - target), -s[0] * s[1]))
 
 
 def assign_buckets(items: tuple[Item, ...], resolutions: list[int], multiple: int = 16) -> list[Entry]:

@@ -1,0 +1,128 @@
+"""Shared fixtures. Each block says who uses it; append new blocks, don't reformat others."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+# ---- eval scorers (tests/test_metrics.py, tests/test_report.py, tests/test_evaluate.py) --------------------------
+
+
+def save_tiny_scorers(folder: Path) -> tuple[Path, Path]:
+    """Save a tiny random CLIP (model + tokenizer + processor) and a tiny DINO-style ViT under ``folder``.
+
+    They are loaded back by path, so the scorers' real loading code runs without any download.
+    """
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789,.":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    clip_dir, dino_dir = folder / "clip", folder / "dino"
+    CLIPModel(config).save_pretrained(clip_dir)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(clip_dir)
+    vit = ViTConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    ViTModel(vit, add_pooling_layer=False).save_pretrained(dino_dir)
+    ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    ).save_pretrained(dino_dir)
+    return clip_dir, dino_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """(clip_dir, dino_dir): tiny random scorer models saved to disk once per session."""
+    return save_tiny_scorers(tmp_path_factory.mktemp("scorers"))
+
+
+# ---- dataset zips and FINETUNE_HOME (tests/test_dataset.py, test_cache.py, test_train_local.py) -------------------
+
+
+def synthetic_image(index: int, width: int, height: int):
+    """A deterministic, structured RGB image (a coloured disc on a gradient), different for each ``index``."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    cx, cy = width * (0.3 + 0.4 * ((index * 37) % 10) / 10), height * (0.3 + 0.4 * ((index * 53) % 10) / 10)
+    disc = ((x - cx) ** 2 + (y - cy) ** 2) < (min(width, height) / 4) ** 2
+    rgb = np.stack([x / width, y / height, np.full_like(x, (index % 5) / 5)], axis=-1) * 255
+    rgb[disc] = [(index * 70) % 256, 200, (255 - index * 40) % 256]
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def write_dataset_zip(
+    path: Path, sizes: list[tuple[int, int]], trigger_word: str = "TOK", extra: dict[str, bytes] | None = None
+) -> Path:
+    """Write a dataset zip following the contract (flat image + .txt + metadata.jsonl, sorted, fixed timestamps)."""
+    import hashlib
+    import io
+    import zipfile
+
+    entries: dict[str, bytes] = {}
+    rows = []
+    for i, (w, h) in enumerate(sizes):
+        buf = io.BytesIO()
+        synthetic_image(i, w, h).save(buf, format="PNG")
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        caption = f"a photo of {trigger_word}, picture {i}"
+        entries[f"{digest[:16]}.png"] = data
+        entries[f"{digest[:16]}.txt"] = caption.encode()
+        rows.append(
+            {"file_name": f"{digest[:16]}.png", "text": caption, "width": w, "height": h, "sha256": digest,
+             "source": f"img{i}.png"}
+        )  # fmt: skip
+    rows.sort(key=lambda r: r["file_name"])
+    entries["metadata.jsonl"] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+    entries.update(extra or {})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(entries):
+            zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), entries[name])
+    return path
+
+
+@pytest.fixture
+def dataset_zip(tmp_path: Path) -> Path:
+    """Six small images in three aspect ratios."""
+    return write_dataset_zip(tmp_path / "data.zip", [(48, 48), (64, 48), (48, 64), (40, 40), (64, 48), (56, 56)])
+
+
+@pytest.fixture
+def finetune_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty $FINETUNE_HOME (registry and cache) for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("FINETUNE_HOME", str(home))
+    return home

@@ -1,0 +1,180 @@
+"""Dataset zip checks, aspect buckets and the seed-only batch order."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zipfile
+from collections import Counter
+
+import pytest
+from conftest import write_dataset_zip
+from PIL import Image
+
+from finetune.dataset import (
+    Entry,
+    assign_buckets,
+    batch_at,
+    batches_per_epoch,
+    bucket_for,
+    bucket_sizes,
+    load_bucket_image,
+    read_dataset,
+    sample_seed,
+)
+from finetune.errors import FinetuneError
+
+
+def _rewrite(src, dst, drop=(), add=None):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            if name not in drop:
+                zout.writestr(name, zin.read(name))
+        for name, data in (add or {}).items():
+            zout.writestr(name, data)
+    return dst
+
+
+def test_valid_zip_reads_items_and_digest(dataset_zip):
+    ds = read_dataset(dataset_zip, "TOK")
+    assert len(ds.items) == 6
+    assert ds.digest == hashlib.sha256(dataset_zip.read_bytes()).hexdigest()
+    assert {(i.width, i.height) for i in ds.items} == {(48, 48), (64, 48), (48, 64), (40, 40), (56, 56)}
+    assert all("TOK" in i.caption for i in ds.items)
+
+
+def test_missing_caption_is_named(dataset_zip, tmp_path):
+    with zipfile.ZipFile(dataset_zip) as zf:
+        txt = sorted(n for n in zf.namelist() if n.endswith(".txt"))[0]
+    bad = _rewrite(dataset_zip, tmp_path / "bad.zip", drop=[txt])
+    with pytest.raises(FinetuneError, match=rf"caption {txt} is missing"):
+        read_dataset(bad, "TOK")
+
+
+def test_missing_image_is_named(dataset_zip, tmp_path):
+    with zipfile.ZipFile(dataset_zip) as zf:
+        png = sorted(n for n in zf.namelist() if n.endswith(".png"))[0]
+    stem = png[:-4]
+    bad = _rewrite(dataset_zip, tmp_path / "bad.zip", drop=[png, "metadata.jsonl"])
+    with pytest.raises(FinetuneError, match=rf"{stem}.txt: image {stem}.jpg or {stem}.png is missing"):
+        read_dataset(bad, "TOK")
+
+
+@pytest.mark.parametrize(
+    "add, message",
+    [
+        ({"x.png": b"not an image", "x.txt": b"TOK"}, r"x.png: not a readable image"),
+        ({"sub/y.png": b"", "sub/y.txt": b"TOK"}, r"sub/y.png: entries must sit at the top level"),
+        ({"z.png": b"", "z.txt": b"\xff\xfe"}, r"z.txt: caption is not UTF-8"),
+        ({"notes.docx": b"x"}, r"notes.docx: unexpected file"),
+    ],
+)
+def test_malformed_entries_are_named(dataset_zip, tmp_path, add, message):
+    with pytest.raises(FinetuneError, match=message):
+        read_dataset(_rewrite(dataset_zip, tmp_path / "bad.zip", add=add), "TOK")
+
+
+def test_caption_without_trigger_word_is_an_error(tmp_path):
+    path = write_dataset_zip(tmp_path / "d.zip", [(32, 32)], trigger_word="ZQX")
+    with pytest.raises(FinetuneError, match=r"does not contain the trigger word 'TOK'"):
+        read_dataset(path, "TOK")
+
+
+def test_metadata_must_match_the_files(dataset_zip, tmp_path):
+    with zipfile.ZipFile(dataset_zip) as zf:
+        meta = zf.read("metadata.jsonl").decode().replace('"width": 48', '"width": 4800', 1)
+    bad = _rewrite(dataset_zip, tmp_path / "bad.zip", drop=["metadata.jsonl"], add={"metadata.jsonl": meta})
+    with pytest.raises(FinetuneError, match=r"metadata.jsonl: width of .* is 4800 but the file says 48"):
+        read_dataset(bad, "TOK")
+
+
+@pytest.mark.parametrize("content", [None, b"not a zip"])
+def test_missing_or_non_zip_dataset(tmp_path, content):
+    path = tmp_path / "data.zip"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(FinetuneError, match="does not exist" if content is None else "is not a zip file"):
+        read_dataset(path, "TOK")
+
+
+def test_zip_without_metadata_is_accepted(dataset_zip, tmp_path):
+    ds = read_dataset(_rewrite(dataset_zip, tmp_path / "plain.zip", drop=["metadata.jsonl"]), "TOK")
+    assert len(ds.items) == 6
+
+
+@pytest.mark.parametrize("res", [256, 512, 1024])
+def test_bucket_sizes_are_multiples_within_area(res):
+    sizes = bucket_sizes(res)
+    assert (res, res) in sizes
+    for w, h in sizes:
+        assert w % 16 == 0 and h % 16 == 0
+        assert w * h <= res * res
+        assert 0.25 <= w / h <= 4
+
+
+@pytest.mark.parametrize("w, h", [(4000, 3000), (3000, 4000), (1920, 1080), (5000, 1000), (2000, 2000)])
+def test_bucket_has_closest_aspect(w, h):
+    bw, bh = bucket_for(w, h, 512)
+    best = min(abs(math.log(sw / sh) - math.log(w / h)) for sw, sh in bucket_sizes(512))
+    assert abs(math.log(bw / bh) - math.log(w / h)) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("w, h", [(300, 200), (100, 100), (64, 400), (511, 513)])
+def test_bucket_never_upscales(w, h):
+    bw, bh = bucket_for(w, h, 512)
+    assert bw <= w and bh <= h and bw % 16 == 0 and bh % 16 == 0
+
+
+def test_small_image_lands_once_across_resolutions(dataset_zip):
+    ds = read_dataset(dataset_zip, "TOK")
+    entries = assign_buckets(ds.items, [32, 48, 1024])
+    per_image = Counter(e.item for e in entries)
+    assert all(n <= 2 for n in per_image.values())  # 48 and 1024 both cap to the image size: one entry
+    assert len(set(entries)) == len(entries)
+
+
+def test_load_bucket_image_covers_and_centre_crops(tmp_path):
+    im = Image.new("RGB", (120, 60), (255, 0, 0))
+    im.paste((0, 0, 255), (30, 0, 90, 60))  # blue centre, red left and right margins
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        import io
+
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        zf.writestr("a.png", buf.getvalue())
+    with zipfile.ZipFile(path) as zf:
+        out = load_bucket_image(zf, "a.png", (32, 32))
+    assert out.size == (32, 32)
+    assert out.getpixel((0, 16))[2] > 200 and out.getpixel((31, 16))[2] > 200  # only the blue centre is kept
+
+
+def _entries():
+    return [Entry(item=i, bucket=(16, 16)) for i in range(5)] + [Entry(item=i, bucket=(32, 16)) for i in range(5, 8)]
+
+
+def test_batches_come_from_one_bucket_and_cover_each_epoch():
+    entries = _entries()
+    per_epoch = batches_per_epoch(entries, 2)
+    assert per_epoch == 3 + 2
+    seen = set()
+    for index in range(per_epoch):
+        batch = batch_at(entries, 2, seed=7, index=index)
+        assert len(batch) == 2 and len({entries[i].bucket for i in batch}) == 1
+        seen |= set(batch)
+    assert seen == set(range(8))
+
+
+def test_batch_order_is_a_function_of_seed_and_index_only():
+    entries = _entries()
+    order = [batch_at(entries, 2, seed=1, index=i) for i in range(20)]
+    assert order == [batch_at(entries, 2, seed=1, index=i) for i in range(20)]
+    assert order[7] == batch_at(entries, 2, seed=1, index=7)
+    assert order != [batch_at(entries, 2, seed=2, index=i) for i in range(20)]
+    assert order[:5] != order[5:10]  # epochs are reshuffled
+
+
+def test_sample_seed_separates_every_field():
+    seeds = {sample_seed(s, i, j, t) for s in (0, 1) for i in (0, 1) for j in (0, 1) for t in ("a", "b")}
+    assert len(seeds) == 16
+    assert all(0 <= s < 2**63 for s in seeds)
