@@ -1,0 +1,310 @@
+"""Eval scores: CLIP-T, CLIP-I, DINO, diversity, and paired comparisons between versions.
+
+The math is small pure functions over embeddings (each docstring names its source). The scorers wrap real
+transformers models (CLIP for CLIP-T/CLIP-I, DINO ViT-S/16 for DINO and diversity), loaded lazily from a local folder
+or hub id, once per run. A model that cannot be loaded (offline, not cached, wrong path) is not an error: its metrics
+are skipped and ``Scorers.notes`` says why, so everything else is still produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+__all__ = [
+    "DEFAULT_CLIP_MODEL",
+    "DEFAULT_DINO_MODEL",
+    "ClipScorer",
+    "DinoScorer",
+    "Scorers",
+    "bootstrap_ci",
+    "clip_text_score",
+    "cosine_matrix",
+    "diversity",
+    "mean_pairwise_cosine",
+    "paired_summary",
+    "remove_trigger",
+    "win_rate",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---- pure math --------------------------------------------------------------------------------------------------
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """All pairwise cosine similarities ``[N, M]`` between rows of ``a`` ``[N, D]`` and ``b`` ``[M, D]``.
+
+    Computed in float64 after L2 normalisation (CLIPScore, Hessel et al. 2021, eq. 1 uses the same cosine).
+    """
+    import torch
+
+    a = torch.nn.functional.normalize(a.double(), dim=-1)
+    b = torch.nn.functional.normalize(b.double(), dim=-1)
+    return a @ b.T
+
+
+def mean_pairwise_cosine(generated: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean of all pairwise cosines between generated and reference embeddings.
+
+    DreamBooth's CLIP-I and DINO subject-fidelity metrics (Ruiz et al. 2023, arXiv:2208.12242, §4.1): "the average
+    pairwise cosine similarity between ViT-S/16 DINO embeddings of generated and real images".
+    """
+    return float(cosine_matrix(generated, reference).mean())
+
+
+def clip_text_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> list[float]:
+    """Per-image CLIP-T: cosine of each image embedding with the text embedding of the same row.
+
+    DreamBooth's prompt fidelity (arXiv:2208.12242 §4.1) = CLIPScore without its ``w·max(cos, 0)`` rescaling
+    (Hessel et al. 2021, arXiv:2104.08718, eq. 1), so it stays on the same cosine scale as CLIP-I and DINO.
+    """
+    return cosine_matrix(image_embeds, text_embeds).diagonal().tolist()
+
+
+def diversity(embeds: torch.Tensor) -> float | None:
+    """``1 - mean`` off-diagonal pairwise cosine among the embeddings of one prompt's seeds; None below 2 images.
+
+    DreamBooth's DIV uses LPIPS between same-prompt images (arXiv:2208.12242 §4.3); we use DINO cosine instead, so a
+    LoRA that memorises its training images (every seed the same picture) scores near 0.
+    """
+    n = embeds.shape[0]
+    if n < 2:
+        return None
+    sims = cosine_matrix(embeds, embeds)
+    off_diagonal = (sims.sum() - sims.diagonal().sum()) / (n * (n - 1))
+    return 1.0 - float(off_diagonal)
+
+
+def remove_trigger(text: str, trigger: str) -> str:
+    """The prompt with the trigger word removed (whole word, any case) and spaces collapsed, for CLIP-T.
+
+    CLIP has never seen a made-up trigger token; leaving it in scores the token, not the prompt (DreamBooth scores
+    prompts with the identifier removed, arXiv:2208.12242 §4.1).
+    """
+    if not trigger:
+        return text
+    stripped = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", " ", text, flags=re.IGNORECASE)
+    return re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s+", " ", stripped)).strip()
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean with a percentile-bootstrap confidence interval.
+
+    Efron & Tibshirani, *An Introduction to the Bootstrap* (1993), §13.3: resample the values with replacement,
+    take the ``(1-c)/2`` and ``(1+c)/2`` quantiles of the resampled means. Seeded, so a report is reproducible.
+    One value gives a zero-width interval.
+    """
+    import numpy as np
+
+    data = np.asarray(list(values), dtype=np.float64)
+    if data.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    mean = float(data.mean())
+    if data.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return mean, min(float(low), mean), max(float(high), mean)
+
+
+def win_rate(values: Sequence[float], reference: Sequence[float], *, higher_is_better: bool = True) -> float:
+    """Fraction of paired items where ``values`` beats ``reference``; a tie counts one half.
+
+    The paired win rate of a sign test (Conover, *Practical Nonparametric Statistics*, 3rd ed., §3.4): items are
+    matched by prompt and seed, so each pair saw the same prompt and the same starting noise.
+    """
+    if len(values) != len(reference):
+        raise ValueError(f"win_rate needs paired values, got {len(values)} and {len(reference)}")
+    if not values:
+        raise ValueError("win_rate needs at least one pair")
+    sign = 1.0 if higher_is_better else -1.0
+    wins = sum(1.0 if sign * (a - b) > 0 else 0.5 if a == b else 0.0 for a, b in zip(values, reference, strict=True))
+    return wins / len(values)
+
+
+def paired_summary(
+    scores: dict[Any, float], reference: dict[Any, float] | None, *, higher_is_better: bool = True, seed: int = 0
+) -> dict[str, Any]:
+    """Mean with bootstrap 95% CI of ``scores`` (item key → value), and the win rate on items shared with
+    ``reference`` (None for the reference itself or when no item is shared)."""
+    keys = sorted(scores, key=repr)
+    mean, low, high = bootstrap_ci([scores[k] for k in keys], seed=seed)
+    summary: dict[str, Any] = {"mean": mean, "ci95": [low, high], "n": len(keys), "win_rate": None}
+    if reference is not None:
+        shared = [k for k in keys if k in reference]
+        if shared:
+            summary["win_rate"] = win_rate(
+                [scores[k] for k in shared], [reference[k] for k in shared], higher_is_better=higher_is_better
+            )
+            summary["pairs"] = len(shared)
+    return summary
+
+
+# ---- scorers ----------------------------------------------------------------------------------------------------
+
+
+def _features(output: Any) -> torch.Tensor:
+    # transformers < 5 returns the projected tensor; 5.x wraps it in an output whose pooler_output holds it.
+    return output if hasattr(output, "dim") else output.pooler_output
+
+
+class ClipScorer:
+    """CLIP image/text embeddings with the model's own processor (CLIP-T and CLIP-I)."""
+
+    def __init__(self, name_or_path: str, *, device: str | torch.device = "cpu"):
+        import torch
+        from transformers import AutoProcessor, CLIPModel
+
+        self.name = str(name_or_path)
+        self.device = torch.device(device)
+        self.model = CLIPModel.from_pretrained(self.name).to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(self.name)
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
+        import torch
+
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = [im.convert("RGB") for im in images[start : start + batch_size]]
+                inputs = self.processor(images=batch, return_tensors="pt").to(self.device)
+                chunks.append(_features(self.model.get_image_features(**inputs)).float().cpu())
+        return torch.cat(chunks)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        import torch
+
+        # CLIP sees at most 77 tokens; longer prompts are truncated (torchmetrics warns about the same limit).
+        inputs = self.processor(text=list(texts), return_tensors="pt", padding=True, truncation=True).to(self.device)
+        with torch.inference_mode():
+            return _features(self.model.get_text_features(**inputs)).float().cpu()
+
+
+class DinoScorer:
+    """DINO ViT CLS-token embeddings with DINO's evaluation transform (DINO and diversity).
+
+    Preprocessing is DINO's own eval transform, ``Resize(256, bicubic) → CenterCrop(224) → Normalize`` scaled to the
+    model's input size (facebookresearch/dino ``eval_linear.py``); HF's default ViT processor squashes the image to a
+    square and did not reproduce DreamBooth's numbers (google/dreambooth#3). Mean/std come from the model's processor
+    config when it has one, else ImageNet's.
+    """
+
+    def __init__(self, name_or_path: str, *, device: str | torch.device = "cpu"):
+        import torch
+        from transformers import AutoImageProcessor, ViTModel
+
+        self.name = str(name_or_path)
+        self.device = torch.device(device)
+        self.model = ViTModel.from_pretrained(self.name, add_pooling_layer=False).to(self.device).eval()
+        try:
+            processor = AutoImageProcessor.from_pretrained(self.name)
+            self.mean = tuple(processor.image_mean)
+            self.std = tuple(processor.image_std)
+        except (OSError, ValueError, AttributeError, TypeError):
+            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.crop = int(self.model.config.image_size)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """``[3, crop, crop]``: shorter side to ``crop·256/224`` (bicubic), centre crop, normalise."""
+        import numpy as np
+        import torch
+        from PIL import Image as PILImage
+
+        image = image.convert("RGB")
+        short = round(self.crop * 256 / 224)
+        w, h = image.size
+        scale = short / min(w, h)
+        image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), PILImage.BICUBIC)
+        w, h = image.size
+        left, top = (w - self.crop) // 2, (h - self.crop) // 2
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
+        import torch
+
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                pixels = torch.stack([self.preprocess(im) for im in images[start : start + batch_size]])
+                hidden = self.model(pixel_values=pixels.to(self.device, self.model.dtype)).last_hidden_state
+                chunks.append(hidden[:, 0].float().cpu())  # CLS token
+        return torch.cat(chunks)
+
+
+class Scorers:
+    """The run's scorers, each loaded on first use and at most once; a load failure becomes a note.
+
+    ``seconds`` accumulates the time spent loading and running scorers, so callers can report it apart.
+    """
+
+    def __init__(self, clip_model: str | Path | None, dino_model: str | Path | None, *, device: Any = "cpu"):
+        self.names = {"clip": str(clip_model) if clip_model else None, "dino": str(dino_model) if dino_model else None}
+        self.device = device
+        self.notes: list[str] = []
+        self.seconds = 0.0
+        self._loaded: dict[str, ClipScorer | DinoScorer | None] = {}
+
+    def _get(self, kind: str) -> ClipScorer | DinoScorer | None:
+        if kind in self._loaded:
+            return self._loaded[kind]
+        name = self.names[kind]
+        scorer = None
+        if name is None:
+            self.notes.append(f"{kind.upper()} metrics skipped: no {kind} model given.")
+        else:
+            start = time.perf_counter()
+            try:
+                scorer = (ClipScorer if kind == "clip" else DinoScorer)(name, device=self.device)
+            except Exception as e:  # any load failure (offline, not cached, bad files) skips the metric, not the run
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                what = "CLIP-T and CLIP-I" if kind == "clip" else "DINO and diversity"
+                self.notes.append(
+                    f"{what} skipped: could not load {kind} model '{name}' ({type(e).__name__}: {reason[:200]}). "
+                    f"Pass a local folder with --{kind}-model, or download it once with network access."
+                )
+                log.warning(self.notes[-1])
+            self.seconds += time.perf_counter() - start
+        self._loaded[kind] = scorer
+        return scorer
+
+    @property
+    def clip(self) -> ClipScorer | None:
+        return self._get("clip")
+
+    @property
+    def dino(self) -> DinoScorer | None:
+        return self._get("dino")
+
+    def model_name(self, kind: str) -> str | None:
+        """The model id/path actually used for ``kind``, or None when it is skipped (loads it if needed)."""
+        return self.names[kind] if self._get(kind) is not None else None
+
+    def timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` and add its wall time to ``seconds``."""
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start

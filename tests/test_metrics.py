@@ -1,0 +1,110 @@
+"""Eval math on controlled inputs, through tiny CLIP and ViT models loaded from disk by the real scorer code."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune import metrics
+
+
+def _image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def scorers(tiny_scorer_dirs):
+    clip_dir, dino_dir = tiny_scorer_dirs
+    return metrics.Scorers(clip_dir, dino_dir)
+
+
+def test_identical_images_score_one(scorers):
+    img = _image(0)
+    for scorer in (scorers.clip, scorers.dino):
+        gen = scorer.embed_images([img])
+        ref = scorer.embed_images([img.copy(), img.copy()])
+        assert metrics.mean_pairwise_cosine(gen, ref) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.diversity(scorers.dino.embed_images([img, img.copy(), img.copy()])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_permuting_images_leaves_the_mean_unchanged(scorers):
+    generated = [_image(s) for s in range(5)]
+    reference = [_image(s) for s in range(10, 13)]
+    for scorer in (scorers.clip, scorers.dino):
+        before = metrics.mean_pairwise_cosine(scorer.embed_images(generated), scorer.embed_images(reference))
+        after = metrics.mean_pairwise_cosine(
+            scorer.embed_images(generated[::-1], batch_size=2), scorer.embed_images([reference[i] for i in (2, 0, 1)])
+        )
+        assert after == pytest.approx(before, abs=1e-6)
+    before = metrics.diversity(scorers.dino.embed_images(generated))
+    assert metrics.diversity(scorers.dino.embed_images(generated[1:] + generated[:1])) == pytest.approx(
+        before, abs=1e-6
+    )
+
+
+def test_a_near_copy_is_closer_than_an_unrelated_image(scorers):
+    anchor = _image(1, (64, 64))
+    pixels = np.asarray(anchor).astype(np.int16) + np.random.default_rng(2).integers(-6, 7, (64, 64, 3))
+    near = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    far = Image.fromarray(255 - np.asarray(anchor)).rotate(90)
+    for scorer in (scorers.clip, scorers.dino):
+        a, n, f = scorer.embed_images([anchor, near, far])
+        assert metrics.mean_pairwise_cosine(n[None], a[None]) > metrics.mean_pairwise_cosine(f[None], a[None])
+
+
+def test_math_on_hand_made_vectors():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert metrics.cosine_matrix(a, b).flatten().tolist() == pytest.approx([1.0, 2**-0.5, 0.0, 2**-0.5])
+    assert metrics.mean_pairwise_cosine(a, b) == pytest.approx((1 + 2 * 2**-0.5) / 4)
+    assert metrics.clip_text_score(a, b) == pytest.approx([1.0, 2**-0.5])
+    assert metrics.diversity(a) == pytest.approx(1.0)  # orthogonal seeds: fully diverse
+    assert metrics.diversity(a[:1]) is None
+
+
+def test_clip_text_scores_rank_the_matching_prompt_first(scorers):
+    texts = ["a photo of a dog", "zzzz 9999 ,,,,"]
+    text_embeds = scorers.clip.embed_texts(texts)
+    scores = metrics.clip_text_score(text_embeds, text_embeds)
+    assert scores == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert metrics.cosine_matrix(text_embeds[:1], text_embeds[1:]).item() < 1.0 - 1e-4
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_more_data():
+    rng = np.random.default_rng(0)
+    small = rng.normal(0.3, 0.05, 8).tolist()
+    mean, low, high = metrics.bootstrap_ci(small)
+    assert mean == pytest.approx(float(np.mean(small)))
+    assert low < mean < high
+    _, low_big, high_big = metrics.bootstrap_ci(rng.normal(0.3, 0.05, 800).tolist())
+    assert high_big - low_big < high - low
+    assert metrics.bootstrap_ci([0.5]) == (0.5, 0.5, 0.5)
+    assert metrics.bootstrap_ci(small) == (mean, low, high)  # seeded: reproducible
+
+
+def test_win_rate_is_paired_and_counts_ties_half():
+    assert metrics.win_rate([0.9, 0.1, 0.5], [0.2, 0.3, 0.5]) == pytest.approx(0.5)
+    assert metrics.win_rate([0.9, 0.1, 0.5], [0.2, 0.3, 0.5], higher_is_better=False) == pytest.approx(0.5)
+    assert metrics.win_rate([1.0, 1.0], [0.0, 0.0]) == 1.0
+    with pytest.raises(ValueError):
+        metrics.win_rate([1.0], [1.0, 2.0])
+    summary = metrics.paired_summary({("p", 1): 0.8, ("p", 2): 0.6, ("q", 1): 0.7}, {("p", 1): 0.5, ("p", 2): 0.9})
+    assert summary["n"] == 3 and summary["pairs"] == 2 and summary["win_rate"] == 0.5
+    assert summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
+    assert metrics.paired_summary({"a": 1.0}, None)["win_rate"] is None
+
+
+def test_remove_trigger_drops_the_word_only():
+    assert metrics.remove_trigger("a photo of TOK, on a beach", "TOK") == "a photo of, on a beach"
+    assert metrics.remove_trigger("tok tokyo TOK", "TOK") == "tokyo"
+    assert metrics.remove_trigger("a photo of ohwx", "") == "a photo of ohwx"
+
+
+def test_a_model_that_cannot_load_is_skipped_with_a_note(tmp_path, tiny_scorer_dirs):
+    scorers = metrics.Scorers(tmp_path / "no-such-clip", tiny_scorer_dirs[1])
+    assert scorers.clip is None
+    assert scorers.clip is None  # tried once, not again
+    assert scorers.dino is not None
+    assert len(scorers.notes) == 1 and "no-such-clip" in scorers.notes[0] and "CLIP-T" in scorers.notes[0]
+    assert scorers.model_name("clip") is None and scorers.model_name("dino") == str(tiny_scorer_dirs[1])

@@ -1,0 +1,154 @@
+"""The report renders metrics.json into a labelled grid and a self-contained HTML page, atomically."""
+
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+from PIL import Image
+
+from finetune import report
+
+
+class _Page(HTMLParser):
+    """Collects what the tests check: image sources, links, marked cells, notes and table cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_src: list[str] = []
+        self.links: list[str] = []
+        self.best: list[tuple[str, str]] = []
+        self.classes: list[str] = []
+        self.text: list[str] = []
+        self._best_metric = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.img_src.append(a["src"])
+        if tag in ("a", "link", "script") and (a.get("href") or a.get("src")):
+            self.links.append(a.get("href") or a.get("src"))
+        if a.get("class"):
+            self.classes.append(a["class"])
+        if tag == "td" and a.get("class") == "best":
+            self._best_metric = a["data-metric"]
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._best_metric is not None and data.strip():
+            self.best.append((self._best_metric, data.strip()))
+            self._best_metric = None
+
+
+def _doc(folder):
+    (folder / "images").mkdir()
+    columns = [
+        {"key": "c0", "label": "base", "version": 0, "lora_scale": None},
+        {"key": "c1", "label": "me/tok:abc ×1.0", "version": 1, "lora_scale": 1.0},
+    ]
+    prompts = [{"template": "a photo of [trigger]", "has_trigger": True}, {"template": "a cat", "has_trigger": False}]
+    images = []
+    rng = np.random.default_rng(0)
+    for column in columns:
+        for p in range(2):
+            for seed in (1, 2):
+                file = f"images/{column['key']}-{p}-{seed}.png"
+                Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(folder / file)
+                scores = {"clip_t": float(rng.random()), "dino": float(rng.random())}
+                images.append(
+                    {"column": column["key"], "prompt_index": p, "seed": seed, "prompt": "a <b>photo</b> of TOK",
+                     "file": file, "cached": False, "scores": scores}
+                )  # fmt: skip
+    return {
+        "schema": report.SCHEMA,
+        "created_at": "2025-01-01T00:00:00Z",
+        "settings": {
+            "base_model": "preset:tiny",
+            "steps": 8,
+            "width": 64,
+            "height": 48,
+            "guidance": 3.5,
+            "seeds": [1, 2],
+            "lora_scales": [1.0],
+        },  # fmt: skip
+        "versions": [
+            {
+                "ref": "base",
+                "label": "base",
+                "kind": "base",
+                "id": None,
+                "trigger_word": "TOK",
+                "base_model": "preset:tiny",
+                "lineage": {},
+            },
+            {
+                "ref": "me/tok",
+                "label": "me/tok:abc",
+                "kind": "registry",
+                "id": "abc" * 10,
+                "trigger_word": "TOK",
+                "base_model": "preset:tiny",
+                "lineage": {
+                    "backend": "local",
+                    "dataset": {"path": "data/tok.zip", "digest": "d1g"},
+                    "config": {"lora": {"rank": 4}},
+                },
+            },
+        ],  # fmt: skip
+        "columns": columns,
+        "prompts": prompts,
+        "images": images,
+        "metrics": {
+            "clip_t": {"label": "CLIP-T", "higher_is_better": True, "description": "prompt alignment"},
+            "dino": {"label": "DINO", "higher_is_better": True, "description": "subject fidelity"},
+            "bleed": {"label": "bleed", "higher_is_better": False, "description": "lower is better"},
+        },
+        "aggregate": {
+            "c0": {
+                "clip_t": {"mean": 0.25, "ci95": [0.2, 0.3], "n": 4, "win_rate": None},
+                "dino": {"mean": 0.7, "ci95": [0.6, 0.8], "n": 4, "win_rate": None},
+                "bleed": {"mean": 0.4, "ci95": [0.3, 0.5], "n": 2, "win_rate": None},
+            },
+            "c1": {
+                "clip_t": {"mean": 0.31, "ci95": [0.28, 0.33], "n": 4, "win_rate": 0.75},
+                "dino": {"mean": 0.6, "ci95": [0.5, 0.7], "n": 4, "win_rate": 0.25},
+                "bleed": {"mean": 0.5, "ci95": [0.4, 0.6], "n": 2, "win_rate": 0.0},
+            },
+        },  # fmt: skip
+        "reference_column": "c0",
+        "notes": ["DINO and diversity skipped: could not load dino model 'x'."],
+        "warnings": ["mixed base models"],
+        "timings": {},
+        "counters": {},
+    }
+
+
+def test_report_files_are_self_contained_and_mark_the_best(tmp_path):
+    doc = _doc(tmp_path)
+    paths = report.write_report(tmp_path, doc)
+
+    assert json.loads(paths["metrics"].read_text(encoding="utf-8")) == doc
+    page = _Page()
+    page.feed(paths["html"].read_text(encoding="utf-8"))
+    # 1 grid + 2 columns x 2 prompts x 2 seeds thumbnails, all embedded
+    assert len(page.img_src) == 9 and all(src.startswith("data:image/png;base64,") for src in page.img_src)
+    assert page.links == []
+    assert sorted(page.best) == [("bleed", "0.4000"), ("clip_t", "0.3100"), ("dino", "0.7000")]
+    text = " ".join(page.text)
+    assert "could not load dino model" in text and "mixed base models" in text
+    assert "data/tok.zip" in text and "d1g" in text and '"rank": 4' in text
+    assert "a <b>photo</b> of TOK" not in paths["html"].read_text()  # prompts are escaped
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left behind
+
+
+def test_grid_has_a_row_per_prompt_and_seed_and_a_column_per_version(tmp_path):
+    doc = _doc(tmp_path)
+    report.write_report(tmp_path, doc)
+    grid = Image.open(tmp_path / "grid.png")
+    cell_w, cell_h = 64, 48  # below GRID_CELL_PX, so images keep their size
+    assert grid.size == (220 + 2 * (cell_w + 4), 36 + 4 * (cell_h + 4))
+    # the cell for (c1, prompt 1, seed 2) holds that image
+    pixels = np.asarray(grid.convert("RGB")).astype(int)
+    x, y = 220 + (cell_w + 4), 36 + 3 * (cell_h + 4)
+    expected = np.asarray(Image.open(tmp_path / "images/c1-1-2.png").convert("RGB")).astype(int)
+    assert np.abs(pixels[y : y + cell_h, x : x + cell_w] - expected).mean() < 1.0
+    assert pixels[:36, 220:].min() < 128  # header labels drawn
