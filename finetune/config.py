@@ -115,6 +115,9 @@ class RemoteConfig:
     hf_repo_id: str = _field("", "Opt in: the trainer pushes the LoRA to this Hugging Face repo (needs HF_TOKEN).")
     wandb_project: str = _field("", "Opt in: the trainer logs to this W&B project (needs WANDB_API_KEY).")
     webhook: str = _field("", "URL Replicate posts training events to.")
+    webhook_events: list[str] = _field(
+        ["start", "completed"], "Events sent to the webhook: any of start, output, logs, completed."
+    )
 
 
 @dataclass
@@ -322,6 +325,9 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append(f"lora.targets: {cfg.lora.targets!r} must be 'all-linear', 'attention' or a list of modules")
     if isinstance(cfg.lora.targets, list) and not cfg.lora.targets:
         errors.append("lora.targets: an empty list trains nothing")
+    bad_events = sorted(set(cfg.remote.webhook_events) - {"start", "output", "logs", "completed"})
+    if bad_events:
+        errors.append(f"remote.webhook_events: {bad_events} not allowed; use start, output, logs, completed")
     if cfg.remote.destination and not OUTPUT_RE.match(cfg.remote.destination):
         errors.append(f"remote.destination: {cfg.remote.destination!r} must look like owner/name")
 
