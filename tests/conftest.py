@@ -126,3 +126,14 @@ def finetune_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("FINETUNE_HOME", str(home))
     return home
+
+
+# ---- FLUX presets (tests/test_flux.py and every test that needs a tiny FLUX on disk) ------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_preset_dir(tmp_path_factory) -> Path:
+    """preset:tiny (seed 0) saved once per session as a diffusers folder; load it by path (read-only: don't edit)."""
+    from finetune.flux import save_preset
+
+    return save_preset("tiny", tmp_path_factory.mktemp("flux") / "tiny")

@@ -1,0 +1,583 @@
+"""FLUX.1 components: loading (hub id, local folder or in-process preset), prompt/image encoding, latent packing.
+
+Real models come from diffusers/transformers ``from_pretrained`` (HF cache and ``HF_HUB_OFFLINE`` honoured).
+``preset:tiny`` and ``preset:small`` build the whole pipeline in-process with random weights (deterministic per
+seed) for tests, the demo and benchmarks; their tokenizers are built with the ``tokenizers`` library and wrapped
+in the classes ``FluxPipeline`` names, so a saved preset is an ordinary diffusers folder.
+
+The latent conventions (16-channel VAE, ``(z - shift) * scale``, 2×2 packing into 64-d tokens, ids) follow
+diffusers' ``FluxPipeline``; tests check these functions against its private helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune.errors import EXIT_USAGE, FinetuneError
+
+if TYPE_CHECKING:
+    from diffusers import FluxPipeline
+    from PIL import Image
+
+__all__ = [
+    "PARTS",
+    "PRESET_NAMES",
+    "FluxComponents",
+    "build_preset",
+    "default_sampling",
+    "denormalize_latents",
+    "encode_images",
+    "encode_prompts",
+    "is_schnell",
+    "latent_image_ids",
+    "load_components",
+    "load_pipeline",
+    "normalize_latents",
+    "pack_latents",
+    "pipeline_from_components",
+    "resolve_device",
+    "resolve_dtype",
+    "sample_images",
+    "save_preset",
+    "text_ids",
+    "unpack_latents",
+]
+
+PRESET_NAMES = ("tiny", "small")
+PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# The FLUX.1-dev/schnell scheduler config (scheduler/scheduler_config.json of both repos).
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+CLIP_MAX_LENGTH = 77  # CLIP-L's position embeddings; FluxPipeline reads tokenizer.model_max_length
+T5_MAX_LENGTH = 512  # FLUX.1-dev's longest T5 prompt (schnell uses 256)
+
+_VAE_BLOCKS = 4  # 4 blocks = 3 downsamplings = the ×8 VAE scale factor of FLUX.1
+_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "transformer": dict(
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 6, 6],  # sums to attention_head_dim
+        ),
+        "vae": dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4),
+        "clip": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, projection_dim=32),
+        "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4),
+    },
+    "small": {  # issue 3, item 2: exactly these sizes
+        "transformer": dict(
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=64,
+            num_attention_heads=4,
+            joint_attention_dim=256,
+            pooled_projection_dim=128,
+            axes_dims_rope=[16, 24, 24],
+        ),
+        "vae": dict(block_out_channels=(16, 32, 64, 64), norm_num_groups=8),
+        "clip": dict(
+            hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, projection_dim=128
+        ),
+        "t5": dict(d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8),
+    },
+}
+_PRESET_VOCAB = 1000
+# Words that get whole-word tokens in the preset tokenizers; anything else still tokenizes (bytes / characters).
+_PRESET_WORDS = (
+    "a an the of on in at with and by for to from is photo picture painting drawing portrait oil style art "
+    "cat dog man woman person face beach sunset sunrise sky city street forest mountain river sea snow rain "
+    "chair table house car tree flower red blue green yellow black white dark light studio lighting close up "
+    "sitting standing wearing hat shirt tok sks ohwx detailed high quality cinematic watercolor sketch"
+).split()
+
+
+@dataclass
+class FluxComponents:
+    """The parts of a FLUX.1 pipeline; any may be None when not loaded (e.g. only the transformer for training)."""
+
+    transformer: Any = None  # diffusers.FluxTransformer2DModel
+    vae: Any = None  # diffusers.AutoencoderKL
+    text_encoder: Any = None  # transformers.CLIPTextModel (pooled output only)
+    tokenizer: Any = None  # transformers.CLIPTokenizer
+    text_encoder_2: Any = None  # transformers.T5EncoderModel (hidden states)
+    tokenizer_2: Any = None  # transformers.T5TokenizerFast
+    scheduler: Any = None  # diffusers.FlowMatchEulerDiscreteScheduler
+
+
+# ---- devices and dtypes ----------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked to exist)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise FinetuneError(f"train.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError(f"train.device: {name!r} asked for CUDA but no CUDA GPU is visible; use cpu or auto")
+    return device
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """``auto`` → bfloat16 on CUDA, float32 elsewhere (CPU bf16 matmuls are slow and imprecise); else the name."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise FinetuneError(f"dtype {name!r} is not supported; use auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+# ---- which model ---------------------------------------------------------------------------------------------------
+
+
+def _preset_name(base_model: str) -> str | None:
+    return base_model.split(":", 1)[1] if base_model.startswith("preset:") else None
+
+
+def is_schnell(base_model: str) -> bool:
+    """FLUX.1-schnell (timestep-distilled, no guidance embedding) rather than dev: by name, or a local folder's
+    transformer config without ``guidance_embeds``."""
+    if "schnell" in base_model.lower():
+        return True
+    config = Path(base_model).expanduser() / "transformer" / "config.json"
+    if _preset_name(base_model) is None and config.is_file():
+        return not json.loads(config.read_text()).get("guidance_embeds", True)
+    return False
+
+
+def default_sampling(base_model: str) -> dict[str, Any]:
+    """Sampling defaults per model: dev 28 steps at 1024 px, guidance 3.5 (BFL/diffusers model card); schnell 4 steps,
+    guidance 0 (it ignores guidance); presets 8 steps at 256 px so CPU sampling takes seconds."""
+    if _preset_name(base_model) is not None:
+        return {"steps": 8, "size": 256, "guidance": 3.5}
+    if is_schnell(base_model):
+        return {"steps": 4, "size": 1024, "guidance": 0.0}
+    return {"steps": 28, "size": 1024, "guidance": 3.5}
+
+
+# ---- presets -------------------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: each byte maps to a printable character (openai/CLIP simple_tokenizer.py)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _build_clip_tokenizer() -> Any:
+    """A byte-level BPE in CLIP's layout (bytes, bytes+``</w>``, merges, then the two specials) under 1000 tokens."""
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    vocab = {ch: i for i, ch in enumerate(alphabet + [ch + "</w>" for ch in alphabet])}
+    merges: list[tuple[str, str]] = []
+    for word in _PRESET_WORDS:  # one left-to-right merge chain per word: deterministic, no trainer involved
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            merged = left + right
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((left, right))
+            left = merged
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    assert len(vocab) <= _PRESET_VOCAB
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def _build_t5_tokenizer() -> Any:
+    """A Unigram (SentencePiece-style) vocabulary in T5's layout: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(chr(c), -10.0) for c in range(ord("!"), ord("~") + 1)]
+    pieces += [("▁" + w, -3.0 - 0.1 * len(w)) for w in _PRESET_WORDS]
+    assert len(pieces) <= _PRESET_VOCAB
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def build_preset(name: str, seed: int = 0) -> FluxComponents:
+    """Build ``preset:<name>`` in process: the full FLUX.1 layout at toy sizes with random weights.
+
+    The same ``name`` and ``seed`` give bitwise-equal weights; the global torch RNG is left untouched.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if name not in _PRESETS:
+        raise FinetuneError(f"unknown preset {name!r}; choose one of: {', '.join('preset:' + p for p in PRESET_NAMES)}")
+    spec = _PRESETS[name]
+    tokenizer, tokenizer_2 = _build_clip_tokenizer(), _build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True, **spec["transformer"])
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * _VAE_BLOCKS,
+            up_block_types=("UpDecoderBlock2D",) * _VAE_BLOCKS,
+            layers_per_block=1,
+            latent_channels=16,
+            shift_factor=0.1159,  # FLUX.1 ae config (reference/local-trainers.md §0)
+            scaling_factor=0.3611,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            **spec["vae"],
+        )
+        torch.manual_seed(seed + 2)
+        eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=_PRESET_VOCAB,
+                max_position_embeddings=CLIP_MAX_LENGTH,
+                bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+                eos_token_id=eos,  # the pooled output is read at the first eos token
+                pad_token_id=eos,
+                **spec["clip"],
+            )
+        )
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=_PRESET_VOCAB,
+                feed_forward_proj="gated-gelu",  # T5 v1.1, as in FLUX's T5-XXL
+                tie_word_embeddings=False,
+                is_encoder_decoder=False,
+                **spec["t5"],
+            )
+        )
+    return FluxComponents(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+    )
+
+
+def pipeline_from_components(c: FluxComponents) -> FluxPipeline:
+    """Wrap components in a diffusers ``FluxPipeline`` (missing parts stay None)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(**{f.name: getattr(c, f.name) for f in fields(c)})
+
+
+def save_preset(name: str, path: Path, seed: int = 0) -> Path:
+    """Write ``preset:<name>`` as a diffusers folder that ``FluxPipeline.from_pretrained`` and ``load_components``
+    load. The folder appears whole (written beside it, then renamed); an existing preset folder is replaced."""
+    path = Path(path)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise FinetuneError(f"{path} exists and is not a saved pipeline; choose an empty or new folder")
+    components = build_preset(name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        pipeline_from_components(components).save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---- loading -------------------------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _missing_weights_error(base_model: str, part: str, error: Exception) -> FinetuneError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "gated" in str(error).lower() or "401" in str(error) or "403" in str(error):
+        cause = f"{base_model} is a gated repository and this machine has no access to it"
+    elif _offline():
+        cause = f"{base_model} ({part}) is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    else:
+        cause = f"{base_model} ({part}) could not be downloaded"
+    return FinetuneError(
+        f"base_model: cannot load '{part}' of {base_model}: {cause} ({type(error).__name__}: {reason}).\n"
+        f"To fix: accept the licence on https://huggingface.co/{base_model}, run `hf auth login` (or set HF_TOKEN) "
+        "and run again with network access once to fill the cache; or set base_model to a local folder in diffusers "
+        "layout (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/), "
+        "or to preset:tiny / preset:small for random-weight test models.",
+        EXIT_USAGE,
+    )
+
+
+def _load_part(source: str, part: str, dtype: torch.dtype, local_only: bool) -> Any:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    common = {"subfolder": part, "local_files_only": local_only}
+    if part == "scheduler":
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(source, **common)
+    if part in ("tokenizer", "tokenizer_2"):
+        return (CLIPTokenizer if part == "tokenizer" else T5TokenizerFast).from_pretrained(source, **common)
+    if part in ("transformer", "vae"):
+        cls = FluxTransformer2DModel if part == "transformer" else AutoencoderKL
+        return cls.from_pretrained(source, torch_dtype=dtype, **common)
+    cls = CLIPTextModel if part == "text_encoder" else T5EncoderModel
+    return cls.from_pretrained(source, dtype=dtype, **common)
+
+
+def load_components(
+    base_model: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    parts: tuple[str, ...] = ("transformer", "vae", "text_encoder", "text_encoder_2"),
+) -> FluxComponents:
+    """Load the named parts of a FLUX.1 model, in eval mode, on ``device`` in ``dtype`` (None: the dtype policy).
+
+    ``base_model`` is a hub id (HF cache and ``HF_HUB_OFFLINE`` honoured), a local diffusers folder, or
+    ``preset:tiny``/``preset:small``. A text encoder brings its tokenizer; the scheduler always comes (config only).
+
+    Raises:
+        FinetuneError: unknown part or preset, missing folder, or weights that cannot be had (with how to get them).
+    """
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise FinetuneError(f"unknown FLUX part(s) {unknown}; choose from {', '.join(PARTS)}")
+    wanted = set(parts) | {"scheduler"}
+    wanted |= {"tokenizer"} if "text_encoder" in parts else set()
+    wanted |= {"tokenizer_2"} if "text_encoder_2" in parts else set()
+    device = torch.device(device)
+    dtype = dtype or resolve_dtype("auto", device)
+
+    preset = _preset_name(base_model)
+    if preset is not None:
+        built = build_preset(preset)
+        loaded = {p: getattr(built, p) for p in wanted}
+    else:
+        folder = Path(base_model).expanduser()
+        if folder.is_dir():
+            source, local_only = str(folder), True
+            if not (folder / "model_index.json").is_file() and not all((folder / p).is_dir() for p in parts):
+                raise FinetuneError(
+                    f"base_model: {folder} is not a diffusers FLUX folder (no model_index.json and no "
+                    f"{'/, '.join(parts)}/ subfolders); save one with FluxPipeline.save_pretrained",
+                )
+        elif base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or "\\" in base_model:
+            raise FinetuneError(
+                f"base_model: folder {base_model} does not exist; pass an existing diffusers folder, a hub id such "
+                "as black-forest-labs/FLUX.1-dev, or preset:tiny / preset:small"
+            )
+        elif not _HUB_ID_RE.match(base_model):
+            raise FinetuneError(
+                f"base_model: {base_model!r} is neither a folder nor a hub id (owner/name); "
+                "e.g. black-forest-labs/FLUX.1-dev, a local folder, or preset:tiny"
+            )
+        else:
+            source, local_only = base_model, _offline()
+        loaded = {}
+        for part in sorted(wanted, key=PARTS.index):
+            try:
+                loaded[part] = _load_part(source, part, dtype, local_only)
+            except FinetuneError:
+                raise
+            except Exception as e:  # hub, cache and file errors come in many types; all mean "weights missing"
+                if folder.is_dir():
+                    raise FinetuneError(f"base_model: cannot load '{part}' from {folder}: {e}") from e
+                raise _missing_weights_error(base_model, part, e) from e
+
+    for part, module in loaded.items():
+        if isinstance(module, torch.nn.Module):
+            loaded[part] = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return FluxComponents(**loaded)
+
+
+def load_pipeline(
+    base_model: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> FluxPipeline:
+    """A ready ``FluxPipeline`` with every part of ``base_model`` (see ``load_components``)."""
+    parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    return pipeline_from_components(load_components(base_model, dtype=dtype, device=device, parts=parts))
+
+
+# ---- encoding ------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_prompts(c: FluxComponents, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text conditioning as FLUX uses it: T5 hidden states [B, max_sequence_length, D] and CLIP's pooled output
+    [B, P], each on its encoder's device and dtype. Matches ``FluxPipeline.encode_prompt`` (no attention masks, as
+    every FLUX trainer by default; reference/local-trainers.md §0)."""
+    if c.text_encoder is None or c.text_encoder_2 is None or c.tokenizer is None or c.tokenizer_2 is None:
+        raise ValueError("encode_prompts needs text_encoder, tokenizer, text_encoder_2 and tokenizer_2 loaded")
+    prompts = list(prompts)
+    clip_ids = c.tokenizer(
+        prompts, padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    pooled_prompt_embeds = c.text_encoder(clip_ids.to(c.text_encoder.device), output_hidden_states=False).pooler_output
+    t5_ids = c.tokenizer_2(
+        prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    prompt_embeds = c.text_encoder_2(t5_ids.to(c.text_encoder_2.device), output_hidden_states=False)[0]
+    return prompt_embeds.to(c.text_encoder_2.dtype), pooled_prompt_embeds.to(c.text_encoder.dtype)
+
+
+@torch.no_grad()
+def encode_images(vae: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE latent distribution (mean, std), each [B, 16, H/8, W/8], unscaled; ``pixel_values`` [B, 3, H, W] in
+    [-1, 1]. A cache stores both so each training step can draw a fresh ``mean + std * ε`` (diffusers
+    ``DiagonalGaussianDistribution.sample``)."""
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
+    dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def normalize_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+    """``(z - shift_factor) * scaling_factor`` from the VAE config (0.1159 / 0.3611 for FLUX.1; diffusers
+    ``train_dreambooth_lora_flux.py``)."""
+    return (latents - (vae_config.shift_factor or 0.0)) * vae_config.scaling_factor
+
+
+def denormalize_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+    """Inverse of ``normalize_latents``, before ``vae.decode`` (diffusers ``FluxPipeline.__call__``)."""
+    return latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
+
+
+# ---- packing and ids -------------------------------------------------------------------------------------------------
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → [B, (H/2)*(W/2), C*4]: 2×2 patches as tokens (diffusers ``FluxPipeline._pack_latents``)."""
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height_px: int, width_px: int, vae_scale_factor: int = 8) -> torch.Tensor:
+    """[B, (H/2)*(W/2), C*4] → [B, C, H, W] for an image of ``height_px`` × ``width_px`` pixels
+    (diffusers ``FluxPipeline._unpack_latents``)."""
+    b, _, channels = packed.shape
+    h = 2 * (int(height_px) // (vae_scale_factor * 2))
+    w = 2 * (int(width_px) // (vae_scale_factor * 2))
+    latents = packed.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, h, w)
+
+
+def latent_image_ids(height_latent: int, width_latent: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Positions of the packed tokens, [(H/2)*(W/2), 3]: channel 1 = row, 2 = column, 0 = 0 (for RoPE).
+
+    ``height_latent``/``width_latent`` are the unpacked latent sides (pixels / 8)."""
+    h, w = height_latent // 2, width_latent // 2
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+
+
+def text_ids(seq_len: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Text token positions, all zeros, [seq_len, 3] (diffusers ``FluxPipeline.encode_prompt``)."""
+    return torch.zeros(seq_len, 3, device=device, dtype=dtype)
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+
+
+def sample_images(
+    pipe: FluxPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    steps: int,
+    size: int | tuple[int, int],
+    guidance: float,
+    prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    max_sequence_length: int | None = None,
+    batch_size: int | None = None,
+) -> list[Image.Image]:
+    """Render every prompt × seed, prompt-major: ``[p0s0, p0s1, …, p1s0, …]``.
+
+    Start noise comes from a CPU ``torch.Generator`` seeded per image, so a seed gives the same noise on any device
+    and in any batch. ``prompt_embeds``/``pooled_prompt_embeds`` ([len(prompts), …], from ``encode_prompts``) skip
+    the text encoders. ``batch_size`` images go through the transformer together (default: all seeds of one prompt).
+    ``max_sequence_length`` defaults to 256 for schnell (no guidance embedding) and 512 otherwise.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    if height % 16 or width % 16 or height <= 0 or width <= 0:
+        raise FinetuneError(f"sample size {height}x{width} must be positive multiples of 16 (VAE ×8, 2×2 packing)")
+    if not prompts or not seeds:
+        return []
+    transformer = pipe.transformer
+    if prompt_embeds is None or pooled_prompt_embeds is None:
+        if max_sequence_length is None:
+            max_sequence_length = 512 if transformer.config.guidance_embeds else 256
+        components = FluxComponents(**{f.name: getattr(pipe, f.name, None) for f in fields(FluxComponents)})
+        prompt_embeds, pooled_prompt_embeds = encode_prompts(components, prompts, max_sequence_length)
+    if prompt_embeds.shape[0] != len(prompts) or pooled_prompt_embeds.shape[0] != len(prompts):
+        raise ValueError(f"got embeddings for {prompt_embeds.shape[0]} prompts, expected {len(prompts)}")
+    prompt_embeds = prompt_embeds.to(device=transformer.device, dtype=transformer.dtype)
+    pooled_prompt_embeds = pooled_prompt_embeds.to(device=transformer.device, dtype=transformer.dtype)
+
+    jobs = [(i, seed) for i in range(len(prompts)) for seed in seeds]
+    batch_size = batch_size or len(seeds)
+    pipe.set_progress_bar_config(disable=True)
+    images: list[Image.Image] = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        index = torch.tensor([i for i, _ in chunk], device=transformer.device)
+        out = pipe(
+            prompt_embeds=prompt_embeds[index],
+            pooled_prompt_embeds=pooled_prompt_embeds[index],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            generator=[torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk],
+            output_type="pil",
+        )
+        images.extend(out.images)
+    return images
