@@ -82,7 +82,9 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             axes_dims_rope=[4, 6, 6],  # sums to attention_head_dim
         ),
         "vae": dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4),
-        "clip": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, projection_dim=32),
+        "clip": dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, projection_dim=32
+        ),
         "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4),
     },
     "small": {  # issue 3, item 2: exactly these sizes
@@ -247,7 +249,8 @@ def build_preset(name: str, seed: int = 0) -> FluxComponents:
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if name not in _PRESETS:
-        raise FinetuneError(f"unknown preset {name!r}; choose one of: {', '.join('preset:' + p for p in PRESET_NAMES)}")
+        choices = ", ".join("preset:" + p for p in PRESET_NAMES)
+        raise FinetuneError(f"unknown preset {name!r}; choose one of: {choices}")
     spec = _PRESETS[name]
     tokenizer, tokenizer_2 = _build_clip_tokenizer(), _build_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -447,7 +450,9 @@ def load_pipeline(
 
 
 @torch.no_grad()
-def encode_prompts(c: FluxComponents, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    c: FluxComponents, prompts: list[str], max_sequence_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Text conditioning as FLUX uses it: T5 hidden states [B, max_sequence_length, D] and CLIP's pooled output
     [B, P], each on its encoder's device and dtype. Matches ``FluxPipeline.encode_prompt`` (no attention masks, as
     every FLUX trainer by default; reference/local-trainers.md §0)."""
@@ -487,7 +492,7 @@ def denormalize_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
     return latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
 
 
-# ---- packing and ids -------------------------------------------------------------------------------------------------
+# ---- packing and ids ---------------------------------------------------------------------------------------------
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
