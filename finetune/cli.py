@@ -41,6 +41,54 @@ def config_show(config: ConfigArg, overrides: OverridesArg = None) -> None:
     typer.echo(dump_config(load_config(config, overrides or [])), nl=False)
 
 
+@app.command()
+def prepare(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Folders, zips, image files or datasets save_to_disk folders.", show_default=False),
+    ],
+    trigger_word: Annotated[
+        str, typer.Option("--trigger-word", help="Rare token every caption will contain, e.g. TOK.")
+    ],
+    output: Annotated[str, typer.Option("-o", "--output", help="The dataset .zip to write.")],
+    max_side: Annotated[int, typer.Option("--max-side", help="Downscale so the long side is at most N px.")] = 2048,
+    min_side: Annotated[int, typer.Option("--min-side", help="Skip images whose short side is below N px.")] = 256,
+    background: Annotated[str, typer.Option("--background", help="Color transparent pixels land on.")] = "white",
+    caption_template: Annotated[
+        str, typer.Option("--caption-template", help="Caption for images without one; [trigger] is replaced.")
+    ] = "a photo of [trigger]",
+    near_dup_distance: Annotated[
+        int | None,
+        typer.Option("--near-dup-distance", help="Perceptual-hash bits for near duplicates (default 6; -1 disables)."),
+    ] = None,
+    autocaption: Annotated[
+        str | None, typer.Option("--autocaption", help="transformers image-to-text model (folder or hub id).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Decoding processes (default: all cores).")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+) -> None:
+    """Turn photos into a clean, captioned, deterministic dataset zip (plus OUT.report.json)."""
+    from finetune.recipes.prepare import DEFAULT_NEAR_DUPLICATE_DISTANCE, format_summary
+    from finetune.recipes.prepare import prepare as run_prepare
+
+    if near_dup_distance is None:
+        near_dup_distance = DEFAULT_NEAR_DUPLICATE_DISTANCE
+    report = run_prepare(
+        sources,
+        output,
+        trigger_word,
+        max_side=max_side,
+        min_side=min_side,
+        background=background,
+        caption_template=caption_template,
+        near_duplicate_distance=None if near_dup_distance < 0 else near_dup_distance,
+        autocaption=autocaption,
+        workers=workers,
+        progress=not no_progress,
+    )
+    typer.echo(format_summary(report))
+
+
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="local or replicate; overrides the config.")]
 
 
