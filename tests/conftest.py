@@ -137,3 +137,26 @@ def tiny_preset_dir(tmp_path_factory) -> Path:
     from finetune.flux import save_preset
 
     return save_preset("tiny", tmp_path_factory.mktemp("flux") / "tiny")
+
+
+# ---- Replicate stand-in (tests/test_replicate.py, test_train_remote.py, test_webhooks.py, remote eval, notebooks) ---
+
+
+@pytest.fixture
+def replicate_stub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The Replicate stand-in (tests/replicate_stub.py) serving on 127.0.0.1 for one test.
+
+    REPLICATE_API_TOKEN and REPLICATE_BASE_URL point at it, the remote recipe polls every 20 ms, FINETUNE_HOME is
+    empty and the working directory is ``tmp_path`` (run folders land in ``tmp_path/runs``).
+    """
+    import finetune.recipes.train_remote as train_remote_module
+    from replicate_stub import ReplicateStub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(train_remote_module, "POLL_INTERVAL", 0.02)
+    monkeypatch.setattr(train_remote_module, "POLL_MAX_INTERVAL", 0.05)
+    with ReplicateStub() as stub:
+        monkeypatch.setenv("REPLICATE_API_TOKEN", stub.token)
+        monkeypatch.setenv("REPLICATE_BASE_URL", stub.url)
+        yield stub
