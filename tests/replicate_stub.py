@@ -182,7 +182,7 @@ class Fault:
     body: Any = None
     headers: dict = field(default_factory=dict)
     times: int = 1
-    mode: str = "respond"  # respond | delay | drop_after
+    mode: str = "respond"  # respond | delay | drop_after | drop
     delay: float = 0.0
 
 
@@ -266,7 +266,7 @@ class ReplicateStub:
               mode: str = "respond", delay: float = 0.0) -> None:  # fmt: skip
         """Make the next ``times`` requests matching ``method`` and ``path_regex`` fail: ``respond`` answers with
         ``status`` and ``body``; ``delay`` waits ``delay`` s then answers normally; ``drop_after`` carries the
-        request out and closes the connection without an answer."""
+        request out and closes the connection without an answer; ``drop`` closes it without carrying it out."""
         with self.lock:
             self.faults.append(Fault(method, re.compile(path_regex), status, body, dict(headers or {}), times, mode,
                                      delay))  # fmt: skip
@@ -490,6 +490,10 @@ class ReplicateStub:
                             break
                 if fault and fault.mode == "respond":
                     return self.send(fault.status, fault.body, headers=fault.headers)
+                if fault and fault.mode == "drop":  # the request never reaches the application
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 if fault and fault.mode == "delay":
                     time.sleep(fault.delay)
                 auth = self.headers.get("authorization") or ""
