@@ -125,18 +125,88 @@ def train(
     if cfg.backend == "replicate":
         from finetune.recipes.train_remote import train_remote
 
-        train_remote(
+        remote_version = train_remote(
             cfg,
             allow_unmapped=allow_unmapped,
             detach=detach,
             cancel_on_interrupt=cancel_on_interrupt,
             webhook=webhook,
         )
+        if remote_version is not None:  # None: detached, the training id was printed
+            typer.echo(remote_version.ref)
         return
     from finetune.recipes.train_local import train as train_local
 
     version = train_local(cfg, resume=run_dir or resume)
     typer.echo(version.ref)
+
+
+def _number_list(option: str, value: str, kind: type) -> list:
+    try:
+        return [kind(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give comma-separated numbers, e.g. {option} 1,2,3") from None
+
+
+@app.command("eval")
+def eval_(
+    refs: Annotated[
+        list[str],
+        typer.Argument(help="Versions: owner/name[:<id>], base, a .safetensors file, replicate:owner/name:<version>."),
+    ],
+    prompts_file: Annotated[
+        str | None, typer.Option("--prompts", help="Prompt file: one per line, '#' comments; [trigger] replaced.")
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="Use this config's sample section.")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds, e.g. 1,2,3.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps (default: the base model's).")] = None,
+    size: Annotated[str | None, typer.Option("--size", help="1024 or WIDTHxHEIGHT, e.g. 768x1024.")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Guidance scale.")] = None,
+    lora_scale: Annotated[str, typer.Option("--lora-scale", help="LoRA scale, or a sweep: 0.5,0.8,1.0.")] = "1.0",
+    out: Annotated[str | None, typer.Option("--out", help="Report folder (default reports/<timestamp>).")] = None,
+    allow_mixed_base: Annotated[
+        bool, typer.Option("--allow-mixed-base", help="Sample LoRAs of another base anyway (warned in the report).")
+    ] = False,
+    clip_model: Annotated[str, typer.Option("--clip-model", help="CLIP scorer: hub id or folder.")] = (
+        "openai/clip-vit-large-patch14"
+    ),
+    dino_model: Annotated[str, typer.Option("--dino-model", help="DINO scorer: hub id or folder.")] = (
+        "facebook/dino-vits16"
+    ),
+) -> None:
+    """Sample versions side by side on the same prompts and seeds, score them, and write a comparison report."""
+    cfg = load_config(config, []) if config else None
+    seed_list = _number_list("--seeds", seeds, int) if seeds else (cfg.sample.seeds if cfg else [1, 2])
+    scales = _number_list("--lora-scale", lora_scale, float)
+    from finetune.recipes.evaluate import evaluate, read_prompt_file
+
+    prompts: list[str] | None = None
+    if prompts_file:
+        prompts = read_prompt_file(prompts_file)
+    if prompt:
+        prompts = [*(prompts or []), *prompt]
+    if prompts is None and cfg is not None:
+        prompts = list(cfg.sample.prompts)
+    if cfg is not None:  # the config's sample section fills what the command line left out (0 = model default)
+        steps = steps if steps is not None else (cfg.sample.steps or None)
+        guidance = guidance if guidance is not None else (cfg.sample.guidance or None)
+        size = size if size is not None else (str(cfg.sample.size) if cfg.sample.size else None)
+    result = evaluate(
+        refs,
+        prompts=prompts,
+        seeds=seed_list,
+        steps=steps,
+        size=size,
+        guidance=guidance,
+        lora_scales=scales,
+        out=out,
+        allow_mixed_base=allow_mixed_base,
+        clip_model=clip_model,
+        dino_model=dino_model,
+        base_model=cfg.base_model if cfg is not None and "base_model" in cfg.explicit else None,
+    )
+    typer.echo(f"Report: {result.html_path}")  # warnings and skipped metrics were logged as they happened
 
 
 models_app = typer.Typer(
@@ -198,6 +268,91 @@ def models_rm(
 
     removed = Registry().remove(ref)
     typer.echo(f"Removed {ref if ':' not in ref else removed.ref}")
+
+
+# ---- trainings on Replicate (remote backend) ------------------------------------------------------------------
+
+trainings_app = typer.Typer(
+    help="Trainings on Replicate: list, show, attach (follow + import), cancel.", no_args_is_help=True
+)
+app.add_typer(trainings_app, name="trainings")
+TrainingIdArg = Annotated[str, typer.Argument(help="Replicate training id.", show_default=False)]
+
+
+@trainings_app.command("list")
+def trainings_list(
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Show at most this many (newest first).")] = 20,
+) -> None:
+    """List the account's trainings, newest first (web- and API-created)."""
+    from finetune.replicate import Replicate
+
+    with Replicate() as client:
+        rows = [("ID", "STATUS", "TRAINER", "CREATED", "VERSION")]
+        for t in client.list_trainings(limit=limit):
+            rows.append(
+                (
+                    t.get("id", ""),
+                    t.get("status") or "",
+                    t.get("model") or "",
+                    (t.get("created_at") or "")[:19],
+                    ((t.get("output") or {}).get("version") or ""),
+                )
+            )
+    if len(rows) == 1:
+        typer.echo("No trainings on this account.")
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@trainings_app.command("show")
+def trainings_show(
+    training_id: TrainingIdArg,
+    logs: Annotated[int, typer.Option("--logs", help="Print the last N log lines.")] = 20,
+) -> None:
+    """Show one training: status, trainer, timings, output, error and the last log lines."""
+    import json
+
+    from finetune.replicate import Replicate
+
+    with Replicate() as client:
+        t = client.get_training(training_id)
+    summary = {k: t.get(k) for k in ("id", "status", "model", "version", "created_at", "started_at", "completed_at")}
+    summary.update(output=t.get("output"), error=t.get("error"), metrics=t.get("metrics"))
+    typer.echo(json.dumps(summary, indent=2))
+    lines = [ln for ln in (t.get("logs") or "").replace("\r", "\n").splitlines() if ln.strip()]
+    if lines and logs:
+        typer.echo("logs:")
+        for ln in lines[-logs:]:
+            typer.echo(f"  {ln}")
+
+
+@trainings_app.command("attach")
+def trainings_attach(
+    training_id: TrainingIdArg,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Registry model for the import; default: the run's or destination.")
+    ] = None,
+    cancel_on_interrupt: Annotated[
+        bool, typer.Option("--cancel-on-interrupt", help="Ctrl-C cancels the training instead of detaching.")
+    ] = False,
+) -> None:
+    """Follow a training (any of the account's) and import its LoRA as a version once it succeeds."""
+    from finetune.recipes.train_remote import attach
+
+    version = attach(training_id, model=model, cancel_on_interrupt=cancel_on_interrupt)
+    typer.echo(version.ref)
+
+
+@trainings_app.command("cancel")
+def trainings_cancel(training_id: TrainingIdArg) -> None:
+    """Cancel a training (safe to repeat)."""
+    from finetune.replicate import Replicate
+
+    with Replicate() as client:
+        t = client.cancel_training(training_id)
+    typer.echo(f"{training_id}: {t.get('status')}")
 
 
 def main(argv: list[str] | None = None) -> None:
