@@ -512,6 +512,7 @@ def _normalize(source: str, data: bytes, opts: NormalizeOptions) -> ImageResult:
             im = background
             flags.append("alpha composited onto #{:02x}{:02x}{:02x}".format(*opts.background))
     im = im.convert("RGB")
+    im.info = {}  # no EXIF, no ICC (the pixels are sRGB now; lcms profiles carry a creation date), no text chunks
     pixels = im.tobytes()
     stem = hashlib.sha256(b"%dx%d:" % im.size + pixels).hexdigest()[:16]
     ext = "jpg" if fmt in LOSSY_FORMATS else "png"

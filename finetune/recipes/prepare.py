@@ -24,6 +24,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -226,17 +227,20 @@ def _process_all(
                 results.append(data.process_image(task, opts))
                 bar.update()
             return results
-        # forkserver: workers start from a clean process, not a fork of one that may hold torch threads.
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload(["finetune.data"])  # imported once in the server, not once per worker
+        # fork on Linux: workers need no re-import of __main__, so scripts without a main guard, `python -` and
+        # notebooks work; they only run Pillow/numpy, never the parent's torch threads. spawn elsewhere.
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         pool = ProcessPoolExecutor(workers, mp_context=ctx)
         try:
             # Tasks and results are a few hundred bytes; the pixels go to opts.workdir, so memory stays flat.
             for result in pool.map(data.process_image, tasks, repeat(opts), chunksize=1):
                 results.append(result)
                 bar.update()
+        except BrokenProcessPool:
+            raise FinetuneError(
+                "a decoding worker died (out of memory or killed); rerun with --workers 1 to see which file",
+                EXIT_FAILURE,
+            ) from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return results
