@@ -270,6 +270,44 @@ def models_rm(
     typer.echo(f"Removed {ref if ':' not in ref else removed.ref}")
 
 
+@models_app.command("export")
+def models_export(
+    ref: Annotated[str, typer.Argument(help="owner/name, owner/name:<version id>, or a .safetensors file.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The .safetensors file to write.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="kohya: ComfyUI/kohya lora_unet_* keys; diffusers: the stored file.")
+    ] = "kohya",
+) -> None:
+    """Write a version's LoRA as a file for other tools (ComfyUI, kohya, diffusers)."""
+    import warnings
+    from pathlib import Path
+
+    from finetune import lora
+
+    out = Path(output)
+    if format_ not in ("kohya", "diffusers"):
+        raise fail(f"--format {format_!r} is not known; use kohya or diffusers")
+    if ref.endswith(".safetensors") and Path(ref).is_file():
+        source = Path(ref)
+    else:
+        from finetune.registry import Registry
+
+        source = Registry().resolve(ref).lora_path
+    if out.exists() and out.resolve() == source.resolve():
+        raise fail(f"-o {out} is the source file itself; choose another output path")
+    tensors, metadata = lora.load_lora_file(source)
+    rank, alpha = lora.lora_file_settings(tensors, metadata)  # also checks the keys are a diffusers LoRA
+    if format_ == "diffusers":
+        written = lora.write_bytes_atomic(out, source.read_bytes())
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            written = lora.save_kohya(out, tensors, rank=rank, alpha=alpha, metadata=metadata)
+        for warning in caught:
+            typer.secho(f"Warning: {warning.message}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(f"Wrote {written} ({format_}, rank {rank}, alpha {alpha:g})")
+
+
 # ---- trainings on Replicate (remote backend) ------------------------------------------------------------------
 
 trainings_app = typer.Typer(

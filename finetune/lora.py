@@ -48,6 +48,7 @@ __all__ = [
     "save_kohya",
     "save_lora",
     "set_lora_state",
+    "write_bytes_atomic",
 ]
 
 ADAPTER_NAME = "default"
@@ -338,7 +339,7 @@ def _fixed_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[st
     return len(text).to_bytes(8, "little") + text + raw[8 + n :]
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to a temp file beside ``path``, fsync, then rename over it: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -394,7 +395,7 @@ def save_lora(
             },
             sort_keys=True,
         )
-    return _write_atomic(Path(path), _fixed_safetensors_bytes(tensors, metadata))
+    return write_bytes_atomic(Path(path), _fixed_safetensors_bytes(tensors, metadata))
 
 
 def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -533,4 +534,6 @@ def save_kohya(
     """Write ``export_kohya(state_dict)`` atomically in the fixed byte form, keeping ``finetune.*`` metadata."""
     kept = {k: v for k, v in (metadata or {}).items() if k.startswith("finetune.")}
     kept.update({"format": "pt", "finetune.format": "kohya"})
-    return _write_atomic(Path(path), _fixed_safetensors_bytes(export_kohya(state_dict, rank=rank, alpha=alpha), kept))
+    return write_bytes_atomic(
+        Path(path), _fixed_safetensors_bytes(export_kohya(state_dict, rank=rank, alpha=alpha), kept)
+    )

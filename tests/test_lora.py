@@ -409,3 +409,38 @@ def test_kohya_export_of_tiny_model_and_save(tmp_path):
         L.export_kohya(
             {k: v for k, v in flux_dev_lora(2).items() if k.startswith("transformer.proj_out.")}, rank=2, alpha=2
         )
+
+
+def test_models_export_cli(tmp_path, monkeypatch, capsys):
+    from finetune.cli import main
+    from finetune.registry import Registry
+
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    model, _, _ = trained(rank=2, alpha=4.0, targets=["attn.to_q", "x_embedder"])
+    src = save(tmp_path / "lora.safetensors", model, rank=2, alpha=4.0, targets=["attn.to_q", "x_embedder"])
+    version = Registry().add_version("me/tok", src, {"base_model": "preset:tiny", "backend": "local"})
+
+    with pytest.raises(SystemExit) as e:
+        main(["models", "export", version.ref, "--format", "kohya", "-o", str(tmp_path / "out" / "k.safetensors")])
+    captured = capsys.readouterr()
+    assert e.value.code == 0, captured.err
+    assert "rank 2, alpha 4" in captured.out
+    assert "skipped 1 module(s) outside the FLUX blocks: x_embedder" in captured.err
+    tensors, meta = L.load_lora_file(tmp_path / "out" / "k.safetensors")
+    assert meta["finetune.trigger_word"] == "TOK" and meta["finetune.format"] == "kohya"
+    assert sorted({k.split(".")[0] for k in tensors}) == [
+        "lora_unet_double_blocks_0_img_attn_qkv",
+        "lora_unet_single_blocks_0_linear1",
+    ]
+    assert float(tensors["lora_unet_single_blocks_0_linear1.alpha"]) == 2.0 * 4 * 2  # scale 2 × 4 projections × r 2
+
+    with pytest.raises(SystemExit) as e:
+        main(["models", "export", "me/tok", "--format", "diffusers", "-o", str(tmp_path / "d.safetensors")])
+    assert e.value.code == 0
+    assert (tmp_path / "d.safetensors").read_bytes() == src.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(["models", "export", "me/tok", "--format", "onnx", "-o", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and "use kohya or diffusers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["models", "export", "me/nope", "-o", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and not (tmp_path / "x.safetensors").exists()
