@@ -432,9 +432,11 @@ def load_components(
                     raise FinetuneError(f"base_model: cannot load '{part}' from {folder}: {e}") from e
                 raise _missing_weights_error(base_model, part, e) from e
 
-    for part, module in loaded.items():
+    for module in loaded.values():
         if isinstance(module, torch.nn.Module):
-            loaded[part] = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            if preset is not None:  # built in float32; loaded parts already came in ``dtype`` (fp32-pinned parts kept)
+                torch.nn.Module.to(module, dtype=dtype)  # plain Module.to: diffusers' .to warns about an empty list
+            module.to(device).eval().requires_grad_(False)
     return FluxComponents(**loaded)
 
 

@@ -1,0 +1,218 @@
+"""One GPU check in one call: preset:small on CUDA in bf16, timed and summarised as JSON.
+
+Measures, each section independent (an error is recorded, the others still run):
+  build     building preset:small on the GPU;
+  eager     the transformer-only LoRA step (forward + backward + fused AdamW, rank 16, all-linear) at 256/512 px;
+  sampling  ``flux.sample_images`` for 4 seeds of one prompt in one batch, 8 steps, at 256/512 px;
+  trainer   the real ``finetune.recipes.train_local.train`` at 256/512 px on 8 generated images (median s/step
+            after the first log interval, from the run's metrics.jsonl), when that module imports.
+Peak GPU memory is reported per section. T5 ``max_sequence_length`` is 64, as in issue 3's speed figures.
+
+    python scripts/gpu_check.py [--out summary.json]      # on a CUDA machine
+    python scripts/gpu_check.py --cpu-dry-run             # preset:tiny at 64 px on CPU: checks this script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+SEQ = 64  # T5 tokens
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def _build(preset: str, device: torch.device, dtype: torch.dtype) -> dict:
+    from finetune import flux
+
+    t = time.perf_counter()
+    c = flux.load_components(f"preset:{preset}", dtype=dtype, device=device)
+    _sync(device)
+    return {"s": time.perf_counter() - t, "transformer_params": sum(p.numel() for p in c.transformer.parameters())}
+
+
+def _eager(preset: str, size: int, device: torch.device, dtype: torch.dtype, steps: int) -> dict:
+    from finetune import flux, lora
+
+    c = flux.load_components(f"preset:{preset}", dtype=dtype, device=device, parts=("transformer",))
+    transformer = c.transformer
+    lora.add_lora(transformer, rank=16, alpha=16.0, targets="all-linear", seed=0)
+    params = lora.lora_parameters(transformer)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    g = torch.Generator(device).manual_seed(0)
+    side = size // 8
+    latents = torch.randn(1, 16, side, side, generator=g, device=device, dtype=dtype)
+    width = transformer.config.joint_attention_dim
+    prompt_embeds = torch.randn(1, SEQ, width, generator=g, device=device, dtype=dtype)
+    pooled = torch.randn(1, transformer.config.pooled_projection_dim, generator=g, device=device, dtype=dtype)
+    img_ids, txt_ids = flux.latent_image_ids(side, side, device, dtype), flux.text_ids(SEQ, device, dtype)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        noise = torch.randn_like(latents)
+        sigma = torch.full((1,), 0.5, device=device, dtype=dtype)
+        x_t = flux.pack_latents((1 - sigma) * latents + sigma * noise)
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            pred = transformer(
+                hidden_states=x_t,
+                timestep=sigma,
+                guidance=torch.ones(1, device=device),
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), flux.pack_latents(noise - latents).float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return {"s_per_step_median": statistics.median(times[3:]), "steps_timed": len(times) - 3}
+
+
+def _sampling(preset: str, size: int, device: torch.device, dtype: torch.dtype, steps: int) -> dict:
+    from finetune import flux
+
+    pipe = flux.load_pipeline(f"preset:{preset}", dtype=dtype, device=device)
+    kw = dict(steps=steps, size=size, guidance=3.5, max_sequence_length=SEQ)
+    flux.sample_images(pipe, ["warm up"], [0], **kw)
+    _sync(device)
+    t = time.perf_counter()
+    images = flux.sample_images(pipe, ["a photo of TOK on a beach"], [1, 2, 3, 4], **kw)
+    _sync(device)
+    seconds = time.perf_counter() - t
+    return {"images": len(images), "steps": steps, "s_total": seconds, "s_per_image": seconds / len(images)}
+
+
+def _dataset(folder: Path, side: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    from finetune.recipes.prepare import prepare
+
+    photos = folder / "photos"
+    photos.mkdir(parents=True)
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    for i in range(8):  # distinct structured images: a gradient and a disc that moves with i
+        rgb = np.stack([x, y, np.full_like(x, i / 8)], axis=-1)
+        rgb[((x - 0.2 - 0.08 * i) ** 2 + (y - 0.5) ** 2) < 0.04] = [1.0 - i / 8, 0.8, i / 8]
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(photos / f"img{i}.png")
+    out = folder / "data.zip"
+    prepare([photos], out, "TOK", min_side=min(side, 256), progress=False, workers=1)
+    return out
+
+
+def _trainer(preset: str, size: int, device: torch.device, steps: int, work: Path) -> dict:
+    from finetune.config import parse_config
+    from finetune.recipes import train_local
+    from finetune.registry import Registry
+
+    data = work / "data.zip" if (work / "data.zip").exists() else _dataset(work, 512 if size > 64 else 64)
+    cfg = parse_config(
+        {
+            "base_model": f"preset:{preset}",
+            "output": f"gpucheck/{preset}-{size}",
+            "dataset": str(data),
+            "trigger_word": "TOK",
+            "lora": {"rank": 16, "alpha": 16.0},
+            "train": {
+                "steps": steps,
+                "resolution": [size],
+                "batch_size": 1,
+                "save_every": 0,
+                "max_sequence_length": SEQ,
+                "cache_dir": str(work / "cache"),
+                "output_dir": str(work / f"run-{size}"),
+                "device": device.type,
+            },
+            "sample": {"every": 0},
+        },
+        source="gpu_check",
+    )
+    t = time.perf_counter()
+    version = train_local.train(cfg, registry=Registry(work / "registry"))
+    total = time.perf_counter() - t
+    rows = [json.loads(line) for line in (work / f"run-{size}" / "metrics.jsonl").read_text().splitlines()]
+    per_interval = sorted({(r["step"] // 10, r["s_per_it"]) for r in rows if "s_per_it" in r})
+    warm = [s for _, s in per_interval[1:]] or [s for _, s in per_interval]  # the first interval holds warm-up
+    timings = version.lineage.get("timings")
+    return {"steps": steps, "s_total": total, "s_per_step_median": statistics.median(warm), "timings": timings}
+
+
+def _section(summary: dict, name: str, device: torch.device, fn, *args) -> None:
+    _peak_reset(device)
+    try:
+        summary[name] = fn(*args)
+    except Exception as e:  # record and go on: one broken section must not hide the other figures
+        summary[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
+    if isinstance(summary[name], dict):
+        summary[name]["peak_gib"] = _peak_gib(device)
+    print(f"[gpu_check] {name}: {json.dumps(summary[name], default=str)[:400]}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="also write the JSON summary to this file")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="preset:tiny at 64 px on CPU (tests the script)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.cpu_dry_run:
+        print("gpu_check: no CUDA device visible; nothing to measure (run it on a GPU machine, or --cpu-dry-run)")
+        return 0
+    dry = args.cpu_dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else torch.bfloat16
+    preset, sizes = ("tiny", [64]) if dry else ("small", [256, 512])
+    summary: dict = {
+        "device": "cpu (dry run)" if dry else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "preset": preset,
+        "dtype": str(dtype),
+        "max_sequence_length": SEQ,
+    }
+    _section(summary, "build", device, _build, preset, device, dtype)
+    for size in sizes:
+        _section(summary, f"eager_{size}", device, _eager, preset, size, device, dtype, 8 if dry else 30)
+        _section(summary, f"sampling_{size}", device, _sampling, preset, size, device, dtype, 2 if dry else 8)
+    try:
+        import finetune.recipes.train_local  # noqa: F401
+    except Exception as e:
+        summary["trainer"] = {"skipped": f"finetune.recipes.train_local does not import: {e}"}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["FINETUNE_HOME"] = str(Path(tmp) / "home")  # never touch the user's registry or cache
+            for size in sizes:
+                _section(
+                    summary, f"trainer_{size}", device, _trainer, preset, size, device, 20 if dry else 60, Path(tmp)
+                )
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
