@@ -393,6 +393,47 @@ def trainings_cancel(training_id: TrainingIdArg) -> None:
     typer.echo(f"{training_id}: {t.get('status')}")
 
 
+# ---- webhook receiver (automation) -----------------------------------------------------------------------------
+
+webhooks_app = typer.Typer(help="Receive Replicate webhooks: verify, record, import.", no_args_is_help=True)
+app.add_typer(webhooks_app, name="webhooks")
+
+
+@webhooks_app.command("serve")
+def webhooks_serve(
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8787,
+    secret_env: Annotated[
+        str, typer.Option("--secret-env", help="Environment variable holding the whsec_... signing secret.")
+    ] = "REPLICATE_WEBHOOK_SECRET",
+    host: Annotated[str, typer.Option("--host", help="Interface; loopback by default (put a proxy in front).")] = (
+        "127.0.0.1"
+    ),
+    runs: Annotated[str, typer.Option("--runs", help="Folder holding the run folders.")] = "runs",
+) -> None:
+    """Verify each delivery's signature, drop replays, record training events into their run folder, and import the
+    version once when a training succeeds."""
+    import os
+    from pathlib import Path
+
+    from finetune.recipes.train_remote import attach
+    from finetune.webhooks import WebhookReceiver
+
+    secret = os.environ.get(secret_env, "").strip()
+    if not secret:
+        raise fail(
+            f"{secret_env} is not set. Put your account's signing secret in it (GET /v1/webhooks/default/secret, "
+            "or replicate.com/account/webhook), e.g. export REPLICATE_WEBHOOK_SECRET=whsec_..."
+        )
+    root = Path(runs)
+    receiver = WebhookReceiver(
+        secret, runs_root=root, host=host, port=port, on_succeeded=lambda tid: attach(tid, runs_root=root)
+    )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"Warning: listening on {host}, not loopback; only signed deliveries are accepted.", err=True)
+    typer.echo(f"Listening on {receiver.url} (Ctrl-C stops); events go to {root}/<run>/events.jsonl")
+    receiver.serve()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps user errors to a clear message and a meaningful exit code."""
     try:
