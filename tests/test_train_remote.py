@@ -236,3 +236,19 @@ def test_extract_lora_is_safe(tmp_path):
     with pytest.raises(FinetuneError, match="not a valid safetensors"):
         extract_lora(_tar(tmp_path, {LORA_MEMBER: b"\xff" * 64}), tmp_path / "e.safetensors")
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_trainings_list_show_and_cancel_commands(replicate_stub, tmp_path, capsys):
+    replicate_stub.boot_s = 5.0  # stays `starting` for the whole test
+    assert run_cli(["train", str(write_config(tmp_path)), "--detach"]) == 0
+    (tid,) = replicate_stub.trainings
+    assert f"finetune trainings attach {tid}" in capsys.readouterr().out
+    assert run_cli(["trainings", "list"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:2] == ["ID", "STATUS"] and listing[1].split()[:3] == [tid, "starting", TRAINER]
+    assert run_cli(["trainings", "show", tid]) == 0
+    assert json.loads(capsys.readouterr().out.split("\nlogs:")[0])["status"] == "starting"
+    assert run_cli(["trainings", "cancel", tid]) == 0
+    assert capsys.readouterr().out.strip() == f"{tid}: canceled"
+    assert run_cli(["trainings", "show", "nope"]) == 2
+    assert "404" in capsys.readouterr().err

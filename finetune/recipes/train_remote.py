@@ -29,7 +29,7 @@ import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune.config import Config, config_to_dict
 from finetune.errors import EXIT_FAILURE, EXIT_USAGE, FinetuneError
@@ -41,6 +41,9 @@ from finetune.replicate import (
     Replicate,
     ReplicateError,
 )
+
+if TYPE_CHECKING:
+    from finetune.registry import Registry, Version
 
 __all__ = [
     "POLL_INTERVAL",
@@ -621,9 +624,9 @@ def train_remote(
     detach: bool = False,
     cancel_on_interrupt: bool = False,
     webhook: str | None = None,
-    registry: Any = None,
+    registry: Registry | None = None,
     client: Replicate | None = None,
-) -> Any:
+) -> Version | None:
     """Train ``cfg`` on Replicate and register the result; returns the Version (None when detached)."""
     # 1. Map the config and stop early on what the trainer cannot honour (before any network call).
     inputs, origin, unmapped = map_inputs(cfg)
@@ -647,13 +650,14 @@ def train_remote(
     if state.get("training_id"):
         tid = state["training_id"]
         if state.get("phase") == "imported" and state.get("version"):
-            _say(f"{run_dir} already produced {state['version']} (training {tid}); nothing to do.")
-            reg = registry
-            if reg is None:
-                from finetune.registry import Registry
+            from finetune.registry import Registry, RegistryError
 
-                reg = Registry()
-            return reg.resolve(state["version"])
+            try:
+                version = (registry or Registry()).resolve(state["version"])
+                _say(f"{run_dir} already produced {version.ref} (training {tid}); nothing to do.")
+                return version
+            except RegistryError:  # removed from the registry since: import it again (same bytes, same id)
+                _say(f"{state['version']} is no longer in the registry; importing training {tid} again.")
         _say(f"Re-attaching to training {tid} from {run_dir}.")
         return _finish(
             client,
@@ -818,11 +822,11 @@ def attach(
     training_id: str,
     *,
     model: str | None = None,
-    registry: Any = None,
+    registry: Registry | None = None,
     client: Replicate | None = None,
     cancel_on_interrupt: bool = False,
     runs_root: Path | None = None,
-) -> Any:
+) -> Version:
     """Follow any training of the account and import its result once; returns the Version.
 
     A training started by ``train_remote`` is found in its run folder (its lineage then carries the config and
