@@ -15,12 +15,13 @@ from finetune.config import ConfigError, dump_config, load_config
 from finetune.errors import EXIT_USAGE, FinetuneError
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Fine-tune FLUX.1 with LoRA, locally or on Replicate, and compare the versions you get.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+config_app = typer.Typer(rich_markup_mode=None, help="Inspect configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 ConfigArg = Annotated[str, typer.Argument(help="YAML config file.", show_default=False)]
@@ -210,7 +211,9 @@ def eval_(
 
 
 models_app = typer.Typer(
-    help="The local model registry: list, show, remove and export versions.", no_args_is_help=True
+    rich_markup_mode=None,
+    help="The local model registry: list, show, remove and export versions.",
+    no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
 
@@ -311,7 +314,9 @@ def models_export(
 # ---- trainings on Replicate (remote backend) ------------------------------------------------------------------
 
 trainings_app = typer.Typer(
-    help="Trainings on Replicate: list, show, attach (follow + import), cancel.", no_args_is_help=True
+    rich_markup_mode=None,
+    help="Trainings on Replicate: list, show, attach (follow + import), cancel.",
+    no_args_is_help=True,
 )
 app.add_typer(trainings_app, name="trainings")
 TrainingIdArg = Annotated[str, typer.Argument(help="Replicate training id.", show_default=False)]
@@ -395,7 +400,9 @@ def trainings_cancel(training_id: TrainingIdArg) -> None:
 
 # ---- webhook receiver (automation) -----------------------------------------------------------------------------
 
-webhooks_app = typer.Typer(help="Receive Replicate webhooks: verify, record, import.", no_args_is_help=True)
+webhooks_app = typer.Typer(
+    rich_markup_mode=None, help="Receive Replicate webhooks: verify, record, import.", no_args_is_help=True
+)
 app.add_typer(webhooks_app, name="webhooks")
 
 
