@@ -10,9 +10,10 @@ import sys
 
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
+from finetune import flux
 from finetune import lora as L
 from finetune.errors import FinetuneError
 
@@ -63,9 +64,26 @@ def inputs(seed: int = 0) -> dict:
     )
 
 
-def trained(rank=4, alpha=4.0, targets="all-linear", seed=0):
+def preset_inputs(config) -> dict:
+    """Transformer inputs matching a model config (packed latents of 4×4 tokens, 6 text tokens)."""
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        hidden_states=torch.randn(1, 16, config.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(1, 6, config.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([0.7]),
+        guidance=torch.tensor([1.0]) if config.guidance_embeds else None,
+        img_ids=torch.stack(
+            torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1
+        ).reshape(16, 3),
+        txt_ids=torch.zeros(6, 3),
+        return_dict=False,
+    )
+
+
+def trained(rank=4, alpha=4.0, targets="all-linear", seed=0, model=None):
     """A tiny transformer with a LoRA whose B is non-zero (as after training), and an untouched base copy."""
-    model = tiny_transformer(seed)
+    model = model if model is not None else tiny_transformer(seed)
     base = copy.deepcopy(model)
     modules = L.add_lora(model, rank=rank, alpha=alpha, targets=targets, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -169,13 +187,14 @@ def test_saved_file_contract_and_fixed_bytes(tmp_path, alpha):
     # Same weights → same bytes, in this process and in a fresh one (safetensors orders metadata per process).
     again = save(tmp_path / "b.safetensors", model, alpha=alpha)
     assert again.read_bytes() == path.read_bytes()
-    code = (
-        "import sys; from finetune import lora as L; t, m = L.load_lora_file(sys.argv[1]); "
-        "L.save_lora(sys.argv[2], t, rank=4, alpha=float(m['finetune.alpha']), base_model='preset:tiny', "
-        "trigger_word='TOK', targets='all-linear')"
-    )
-    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "c.safetensors")], check=True)
-    assert (tmp_path / "c.safetensors").read_bytes() == path.read_bytes()
+    if alpha != 4.0:  # once is enough: a fresh interpreter starts ~2 s
+        code = (
+            "import sys; from finetune import lora as L; t, m = L.load_lora_file(sys.argv[1]); "
+            "L.save_lora(sys.argv[2], t, rank=4, alpha=float(m['finetune.alpha']), base_model='preset:tiny', "
+            "trigger_word='TOK', targets='all-linear')"
+        )
+        subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "c.safetensors")], check=True)
+        assert (tmp_path / "c.safetensors").read_bytes() == path.read_bytes()
     header = path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")]
     assert list(json.loads(header)["__metadata__"]) == sorted(meta)
 
@@ -215,21 +234,15 @@ def test_bad_files_and_state_dicts_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize(("rank", "alpha"), [(4, 4.0), (4, 8.0)])
 def test_diffusers_loads_file_and_matches_in_memory_model(tmp_path, rank, alpha):
-    model, base, modules = trained(rank=rank, alpha=alpha)
+    components = flux.build_preset("tiny", seed=0)  # the whole pipeline: transformer, VAE, CLIP, T5, scheduler
+    model, _, modules = trained(rank=rank, alpha=alpha, model=copy.deepcopy(components.transformer))
     path = save(tmp_path / "lora.safetensors", model, rank=rank, alpha=alpha)
     file_tensors, _ = L.load_lora_file(path)
-
-    pipe = FluxPipeline(
-        scheduler=None,
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=base,
-    )
+    pipe = flux.pipeline_from_components(components)
+    x = preset_inputs(pipe.transformer.config)
     with torch.no_grad():
-        base_out = pipe.transformer(**inputs())[0]
+        base_out = pipe.transformer(**x)[0]
+
     log = io.StringIO()
     handler = logging.StreamHandler(log)
     handler.setLevel(logging.WARNING)
@@ -238,9 +251,10 @@ def test_diffusers_loads_file_and_matches_in_memory_model(tmp_path, rank, alpha)
         pipe.load_lora_weights(str(path), adapter_name="mine")
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
-    # The only warning allowed: this pipeline has no text encoder, and the file has no text-encoder keys.
-    warnings_ = [line for line in log.getvalue().splitlines() if line.strip() and "prefix='text_encoder'" not in line]
-    assert warnings_ == []
+    # No unexpected/missing/unsupported keys. The one line allowed is diffusers' note, printed for every
+    # transformer-only LoRA, that the file has no text-encoder keys.
+    lines = [line for line in log.getvalue().splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("No LoRA keys associated to CLIPTextModel")] == []
 
     layers = {n: m for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "mine" in m.lora_A}
     assert set(layers) == set(modules)  # every file module became a LoRA layer, and nothing else did
@@ -250,8 +264,8 @@ def test_diffusers_loads_file_and_matches_in_memory_model(tmp_path, rank, alpha)
         assert layer.scaling["mine"] == pytest.approx(alpha / rank)
 
     with torch.no_grad():
-        expected = model(**inputs())[0]
-        got = pipe.transformer(**inputs())[0]
+        expected = model(**x)[0]
+        got = pipe.transformer(**x)[0]
     assert (expected - base_out).abs().max() > 1e-2, "the LoRA must change the output for this test to mean anything"
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -321,7 +335,7 @@ def flux_dev_lora(rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-@pytest.mark.parametrize(("rank", "alpha"), [(2, 2.0), (4, 8.0), (3, 1.5)])
+@pytest.mark.parametrize(("rank", "alpha"), [(2, 2.0), (4, 2.0)])
 def test_kohya_export_round_trips_through_diffusers_converter(rank, alpha):
     sd = flux_dev_lora(rank)
     with pytest.warns(UserWarning, match=r"skipped 1 module\(s\) outside the FLUX blocks: proj_out"):
