@@ -338,14 +338,39 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+def _hub_cache() -> str:
+    """The hub cache folder, read now (huggingface_hub reads HF_HUB_CACHE/HF_HOME once, at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _chain_text(error: BaseException) -> str:
+    texts, seen = [], set()
+    while error is not None and id(error) not in seen:  # hub errors arrive wrapped in OSError by the loaders
+        seen.add(id(error))
+        texts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
+
+
 def _missing_weights_error(base_model: str, part: str, error: Exception) -> FinetuneError:
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if "gated" in str(error).lower() or "401" in str(error) or "403" in str(error):
-        cause = f"{base_model} is a gated repository and this machine has no access to it"
+    chain = _chain_text(error)
+    if any(s in chain for s in ("GatedRepoError", "gated", " 401 ", " 403 ", "401 Client", "403 Client")):
+        cause = f"{base_model} is a gated repository and this machine has no access to it yet"
     elif _offline():
         cause = f"{base_model} ({part}) is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    elif any(s in chain for s in ("RepositoryNotFoundError", "404 Client", "Repository Not Found")):
+        cause = f"there is no repository {base_model} on the Hugging Face Hub (check the spelling)"
+    elif any(s in chain for s in ("Name or service not known", "name resolution", "ConnectError", "ConnectionError")):
+        cause = f"{base_model} ({part}) is not in the Hugging Face cache and huggingface.co cannot be reached"
     else:
-        cause = f"{base_model} ({part}) could not be downloaded"
+        cause = f"{base_model} ({part}) is not in the Hugging Face cache and could not be downloaded"
     return FinetuneError(
         f"base_model: cannot load '{part}' of {base_model}: {cause} ({type(error).__name__}: {reason}).\n"
         f"To fix: accept the licence on https://huggingface.co/{base_model}, run `hf auth login` (or set HF_TOKEN) "
@@ -356,11 +381,13 @@ def _missing_weights_error(base_model: str, part: str, error: Exception) -> Fine
     )
 
 
-def _load_part(source: str, part: str, dtype: torch.dtype, local_only: bool) -> Any:
+def _load_part(source: str, part: str, dtype: torch.dtype, *, local_only: bool) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     common = {"subfolder": part, "local_files_only": local_only}
+    if not Path(source).is_dir():
+        common["cache_dir"] = _hub_cache()
     if part == "scheduler":
         return FlowMatchEulerDiscreteScheduler.from_pretrained(source, **common)
     if part in ("tokenizer", "tokenizer_2"):
@@ -424,9 +451,12 @@ def load_components(
         loaded = {}
         for part in sorted(wanted, key=PARTS.index):
             try:
-                loaded[part] = _load_part(source, part, dtype, local_only)
-            except FinetuneError:
-                raise
+                try:  # the cache first: no network round trips (and no retries) when the weights are already here
+                    loaded[part] = _load_part(source, part, dtype, local_only=True)
+                except Exception:
+                    if local_only:
+                        raise
+                    loaded[part] = _load_part(source, part, dtype, local_only=False)
             except Exception as e:  # hub, cache and file errors come in many types; all mean "weights missing"
                 if folder.is_dir():
                     raise FinetuneError(f"base_model: cannot load '{part}' from {folder}: {e}") from e

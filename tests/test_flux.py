@@ -203,3 +203,19 @@ def test_sample_images_is_seeded_per_image_and_batch_independent():
         assert np.abs(np.asarray(image, dtype=np.int16) - reference).max() <= 1
     with pytest.raises(FinetuneError, match="multiples of 16"):
         flux.sample_images(pipe, prompts, [1], steps=1, size=40, guidance=1.0)
+
+
+def test_cached_hub_id_loads_offline_from_the_hf_cache(tiny_preset_dir, tmp_path, monkeypatch):
+    import shutil
+
+    # the standard hub cache layout: models--owner--name/{refs/main, snapshots/<commit>/...}
+    repo = tmp_path / "hub" / "models--someone--tiny-flux"
+    commit = "0" * 40
+    shutil.copytree(tiny_preset_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    c = flux.load_components("someone/tiny-flux", parts=("transformer", "text_encoder_2"))
+    assert _state_equal(c.transformer, flux.build_preset("tiny").transformer)
+    assert c.tokenizer_2 is not None and c.vae is None
