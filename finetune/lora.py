@@ -146,9 +146,9 @@ def _exact_pattern(modules: list[str]) -> str:
 def _unwrap(model: nn.Module) -> nn.Module:
     """The bare model under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or (
-            model.module if type(model).__name__ == "DistributedDataParallel" else None
-        )
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and type(model).__name__ == "DistributedDataParallel":
+            inner = model.module
         if inner is None:
             return model
         model = inner
