@@ -1,0 +1,248 @@
+"""`finetune eval` end to end on preset:tiny saved to disk, LoRAs made with finetune.lora, and tiny scorers."""
+
+import functools
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_dataset_zip
+from PIL import Image
+
+from finetune import lora
+from finetune.cli import main
+from finetune.errors import FinetuneError
+from finetune.flux import build_preset
+from finetune.recipes.evaluate import evaluate, parse_size, read_prompt_file
+from finetune.registry import Registry, sha256_file
+
+PROMPTS = ["a photo of [trigger]", "a photo of a cat"]
+FAST = dict(seeds=(1, 2), steps=1, size=32, progress=False)  # preset:tiny at 32 px: 4 image tokens
+
+
+@functools.cache
+def _lora_shapes() -> dict:
+    transformer = build_preset("tiny").transformer
+    lora.add_lora(transformer, rank=4, alpha=4, targets="all-linear", seed=0)
+    return {k: v.shape for k, v in lora.lora_state_dict(transformer).items()}
+
+
+def make_lora(path, *, seed: int, base_model: str, trigger: str):
+    """A rank-4 LoRA on preset:tiny with random (non-zero) B, so it changes the images, saved by finetune.lora."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(shape, generator=g) * 0.3 for k, shape in _lora_shapes().items()}
+    return lora.save_lora(path, state, rank=4, alpha=4, base_model=base_model, trigger_word=trigger, targets="all")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_preset_dir, tiny_scorer_dirs):
+    """A registry with two versions of me/tok (triggers TOK and SKS) trained on the saved tiny preset."""
+    root = tmp_path_factory.mktemp("eval")
+    data = write_dataset_zip(root / "tok.zip", [(48, 48), (64, 48), (40, 56)])
+    registry = Registry(root / "home")
+    versions = []
+    for seed, trigger in ((1, "TOK"), (2, "SKS")):
+        file = make_lora(root / f"l{seed}.safetensors", seed=seed, base_model=str(tiny_preset_dir), trigger=trigger)
+        dataset = {"path": str(data), "digest": sha256_file(data)}
+        lineage = {"base_model": str(tiny_preset_dir), "trigger_word": trigger, "backend": "local",
+                   "dataset": dataset, "config": {"lora": {"rank": 4}}}  # fmt: skip
+        versions.append(registry.add_version("me/tok", file, lineage))
+    clip_dir, dino_dir = tiny_scorer_dirs
+    return {"root": root, "registry": registry, "versions": versions, "clip": clip_dir, "dino": dino_dir,
+            "base": str(tiny_preset_dir)}  # fmt: skip
+
+
+class Counters:
+    """Counts base-model loads and prompts through T5 by wrapping the real diffusers/transformers entry points."""
+
+    def __init__(self, monkeypatch):
+        from diffusers import FluxTransformer2DModel
+        from transformers import T5EncoderModel
+
+        self.loads, self.t5_rows = 0, []
+        load, forward = FluxTransformer2DModel.from_pretrained.__func__, T5EncoderModel.forward
+
+        def counting_load(cls, *args, **kwargs):
+            self.loads += 1
+            return load(cls, *args, **kwargs)
+
+        def counting_forward(module, input_ids=None, *args, **kwargs):
+            self.t5_rows.append(input_ids.shape[0])
+            return forward(module, input_ids, *args, **kwargs)
+
+        monkeypatch.setattr(FluxTransformer2DModel, "from_pretrained", classmethod(counting_load))
+        monkeypatch.setattr(T5EncoderModel, "forward", counting_forward)
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tables, self.imgs, self.best, self.text = set(), [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.add(a.get("id"))
+        if tag == "img":
+            self.imgs.append(a["src"])
+        self.best += a.get("class") == "best"
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def run(world, refs, out, **kwargs):
+    options = dict(prompts=PROMPTS, out=out, clip_model=world["clip"], dino_model=world["dino"], **FAST)
+    return evaluate(refs, registry=world["registry"], **(options | kwargs))
+
+
+def test_eval_loads_once_encodes_once_and_reuses_cached_images(world, monkeypatch, tmp_path):
+    v1, v2 = world["versions"]
+    counters = Counters(monkeypatch)
+    out = tmp_path / "report"
+    first = run(world, ["base", v1.ref], out)
+
+    assert counters.loads == 1 and first.counters["pipeline_loads"] == 1
+    # base and v1 share the trigger TOK, so the two prompts are two texts, encoded in one batch
+    assert counters.t5_rows == [2] and first.counters["prompts_encoded"] == 2
+    assert first.counters["images_sampled"] == 8 and first.counters["images_cached"] == 0
+    doc = json.loads(first.metrics_path.read_text())
+    assert doc == json.loads(json.dumps(first.doc))
+    assert [c["label"] for c in doc["columns"]] == ["base", v1.ref]
+    assert {im["prompt"] for im in doc["images"]} == {"a photo of TOK", "a photo of a cat"}
+    assert set(doc["metrics"]) == {"clip_t", "clip_i", "dino", "bleed", "diversity"}
+    lora_column = doc["aggregate"]["c1"]
+    assert 0.0 <= lora_column["diversity"]["win_rate"] <= 1.0 and doc["aggregate"]["c0"]["dino"]["win_rate"] is None
+    for summary in lora_column.values():
+        assert summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
+    files = {(im["column"], im["prompt_index"], im["seed"]): out / im["file"] for im in doc["images"]}
+    base_img = np.asarray(Image.open(files[("c0", 0, 1)])).astype(int)
+    assert np.abs(base_img - np.asarray(Image.open(files[("c1", 0, 1)]))).mean() > 1.0  # the LoRA is applied
+    assert np.abs(base_img - np.asarray(Image.open(files[("c0", 0, 2)]))).mean() > 1.0  # seeds differ
+    assert Image.open(first.grid_path).size[0] > 220 + 2 * 32
+    page = Page()
+    page.feed(first.html_path.read_text())
+    assert {"metrics", "images", "settings"} <= page.tables
+    assert len(page.imgs) == 1 + 8 and all(src.startswith("data:image/png;base64,") for src in page.imgs)
+    assert page.best >= 5 and "tok.zip" in " ".join(page.text)
+    history = world["registry"].resolve(v1.ref).info["evals"]
+    assert history[-1]["report"] == str(first.metrics_path.resolve()) and "dino" in history[-1]["lora_scales"]["1"]
+
+    # Adding a version to the same report folder samples only the new one.
+    mtimes = {p: p.stat().st_mtime_ns for p in files.values()}
+    counters.loads, counters.t5_rows = 0, []
+    second = run(world, ["base", v1.ref, v2.ref], out)
+    assert second.counters["images_sampled"] == 4 and second.counters["images_cached"] == 8
+    assert counters.loads == 1 and counters.t5_rows == [2]  # "a photo of SKS", "a photo of a cat"
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert {im["prompt"] for im in second.doc["images"] if im["column"] == "c2"} == {
+        "a photo of SKS",
+        "a photo of a cat",
+    }
+
+    # Nothing new: nothing is loaded at all.
+    counters.loads = 0
+    third = run(world, ["base", v1.ref, v2.ref], out)
+    assert third.counters["images_sampled"] == 0 and counters.loads == 0
+
+
+def test_lora_scale_sweep_gives_one_column_per_scale(world, tmp_path):
+    v1 = world["versions"][0]
+    result = run(world, [v1.ref, "base"], tmp_path / "sweep", prompts=PROMPTS[:1], seeds=(3,), lora_scales=(0.0, 1.0))
+    assert [c["label"] for c in result.doc["columns"]] == [f"{v1.ref} ×0", f"{v1.ref} ×1", "base"]
+    by_column = {
+        im["column"]: np.asarray(Image.open(result.out_dir / im["file"])).astype(int) for im in result.doc["images"]
+    }
+    assert np.abs(by_column["c0"] - by_column["c2"]).max() <= 1  # scale 0 is the base model
+    assert np.abs(by_column["c1"] - by_column["c2"]).mean() > 1.0
+    assert "diversity" not in result.doc["metrics"] and any("two seeds" in n for n in result.doc["notes"])
+
+
+def test_a_scorer_that_cannot_load_is_skipped_and_the_rest_is_reported(world, tmp_path):
+    options = dict(clip_model=tmp_path / "missing-clip", prompts=PROMPTS[1:], seeds=(1,), base_model=world["base"])
+    result = run(world, ["base"], tmp_path / "r", **options)
+    assert "clip_t" not in result.doc["metrics"] and any("missing-clip" in n for n in result.doc["notes"])
+    assert result.grid_path.is_file() and "missing-clip" in result.html_path.read_text()
+
+
+def test_bad_inputs_fail_before_sampling(world, monkeypatch, tmp_path):
+    counters = Counters(monkeypatch)
+    v1 = world["versions"][0]
+    with pytest.raises(FinetuneError, match="(?i)did you mean me/tok"):
+        run(world, ["base", "me/tk"], tmp_path / "a")
+    with pytest.raises(FinetuneError, match="Did you mean base"):
+        run(world, ["bse"], tmp_path / "a")
+    other = make_lora(tmp_path / "other.safetensors", seed=5, base_model="someone/other-flux", trigger="TOK")
+    with pytest.raises(FinetuneError, match="do not share a base model.*other-flux.*--allow-mixed-base"):
+        run(world, [v1.ref, str(other)], tmp_path / "a")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(FinetuneError, match="not writable"):
+        run(world, ["base"], blocker / "out")
+    monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FinetuneError, match="REPLICATE_API_TOKEN"):
+        run(world, ["base", "replicate:me/tok:" + "a" * 64], tmp_path / "a")
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(FinetuneError, match="holds no prompt"):
+        read_prompt_file(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("a photo\nun caf\xe9 de [trigger]\n".encode("latin-1"))
+    with pytest.raises(FinetuneError, match="not UTF-8.*line 2"):
+        read_prompt_file(tmp_path / "latin1.txt")
+    with pytest.raises(FinetuneError, match="multiples of 16"):
+        parse_size("770x1024")
+    assert parse_size("768x1024") == (768, 1024) and parse_size(512) == (512, 512)
+    assert counters.loads == 0 and not list((tmp_path / "a").glob("images/*.png"))
+
+
+def test_mixed_base_allowed_is_warned_in_the_report(world, tmp_path):
+    v1 = world["versions"][0]
+    other = make_lora(tmp_path / "other.safetensors", seed=5, base_model="someone/other-flux", trigger="TOK")
+    result = run(world, [v1.ref, str(other)], tmp_path / "m", allow_mixed_base=True, prompts=PROMPTS[:1], seeds=(1,))
+    assert any("other-flux" in w for w in result.doc["warnings"])
+    assert "Mixed base models" in result.html_path.read_text()
+    assert any("other.safetensors" in n and "no dataset" in n for n in result.doc["notes"])
+
+
+def test_cli_eval_and_its_exit_codes(world, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("FINETUNE_HOME", str(world["registry"].root))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# subject\na photo of {trigger}\n", encoding="utf-8")
+    args = ["eval", world["versions"][0].ref, "base", "--prompts", str(prompts), "--seeds", "4,5", "--steps", "1",
+            "--size", "48x32", "--lora-scale", "1.0", "--out", str(tmp_path / "cli"),
+            "--clip-model", str(world["clip"]), "--dino-model", str(world["dino"])]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    doc = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert (doc["settings"]["width"], doc["settings"]["height"], doc["settings"]["seeds"]) == (48, 32, [4, 5])
+    assert doc["images"][0]["prompt"] == "a photo of TOK"
+    assert Image.open(tmp_path / "cli" / doc["images"][0]["file"]).size == (48, 32)
+
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "base", "--prompts", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "not UTF-8" in capsys.readouterr().err
+
+
+def test_remote_versions_are_sampled_with_predictions_and_cached(replicate_stub, world, tmp_path):
+    from replicate_stub import predict_input_schema
+
+    replicate_stub.add_model("alice/tok")
+    vid = "b" * 64
+    schema = {"components": {"schemas": {"Input": predict_input_schema()}}}
+    replicate_stub.versions["alice/tok"].insert(0, {"id": vid, "created_at": "2025-01-01T00:00:00Z",
+                                                    "cog_version": "0.14.0", "openapi_schema": schema})  # fmt: skip
+    ref = f"replicate:alice/tok:{vid}"
+    options = dict(seeds=(1, 2), steps=2, size=256, out=tmp_path / "remote", lora_scales=(0.8,))
+    result = run(world, [ref], **options)
+    assert replicate_stub.count("POST", r"^/v1/predictions$") == 4 and result.counters["remote_predictions"] == 4
+    sent = [p["input"] for p in replicate_stub.predictions.values()]
+    assert {(i["seed"], i["lora_scale"], i["output_format"], i["width"]) for i in sent} == {
+        (1, 0.8, "png", 256), (2, 0.8, "png", 256)
+    }  # fmt: skip
+    assert all(Image.open(result.out_dir / im["file"]).format == "PNG" for im in result.doc["images"])
+    assert replicate_stub.token not in result.metrics_path.read_text() + result.html_path.read_text()
+    again = run(world, [ref], **options)
+    assert again.counters["images_sampled"] == 0 and replicate_stub.count("POST", r"^/v1/predictions$") == 4
