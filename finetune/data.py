@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageCms, ImageColor, ImageOps, UnidentifiedImageError, features
+from PIL import Image, ImageCms, ImageColor, UnidentifiedImageError, features
 
 from finetune.errors import EXIT_USAGE, FinetuneError
 
@@ -482,18 +482,18 @@ def _normalize(source: str, data: bytes, opts: NormalizeOptions) -> ImageResult:
     im.load()
     icc = im.info.get("icc_profile")
     orientation = im.getexif().get(0x0112, 1)
-    if orientation != 1:
-        im = ImageOps.exif_transpose(im)
-        flags.append(f"EXIF orientation {orientation} applied")
     im, mode_flag = _working_mode(im)
     if mode_flag:
         flags.append(mode_flag)
+    # Resize in the stored orientation, then rotate the (smaller) result: same pixels as exif_transpose first.
+    scale = min(1.0, opts.max_side / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != im.size:
+        im = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if orientation in _EXIF_TRANSPOSE:
+        im = im.transpose(_EXIF_TRANSPOSE[orientation])
+        flags.append(f"EXIF orientation {orientation} applied")
     ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    if max(im.size) > opts.max_side or im.size != (ow, oh):
-        scale = min(1.0, opts.max_side / max(ow, oh))
-        size = (max(1, round(ow * scale)), max(1, round(oh * scale)))
-        if size != im.size:
-            im = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     if min(im.size) < opts.min_side:
         return ImageResult(
             source, reason=f"short side {min(im.size)} px after downscaling to --max-side (aspect ratio too extreme)"
@@ -540,6 +540,18 @@ def _normalize(source: str, data: bytes, opts: NormalizeOptions) -> ImageResult:
         phash=perceptual_hash(im),
         flags=tuple(flags),
     )
+
+
+# EXIF Orientation tag value -> the transpose that shows the image upright (as PIL.ImageOps.exif_transpose).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _working_mode(im: Image.Image) -> tuple[Image.Image, str]:
