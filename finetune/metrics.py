@@ -32,6 +32,7 @@ __all__ = [
     "mean_pairwise_cosine",
     "paired_summary",
     "remove_trigger",
+    "save_tiny_scorers",
     "win_rate",
 ]
 
@@ -308,3 +309,53 @@ class Scorers:
             return fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
+
+
+def save_tiny_scorers(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Save a tiny random-weight CLIP (model, tokenizer, processor) and DINO-style ViT; returns their folders.
+
+    For tests, benchmarks and the demo: ``Scorers(clip_dir, dino_dir)`` then runs the real loading and scoring code
+    with no download. Scores from random weights mean nothing beyond the math.
+    """
+    import json
+
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Character-level byte-pair vocabulary without merges: every word still tokenizes.
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789,.":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, **tower),
+        vision_config=dict(image_size=32, patch_size=8, **tower),
+        projection_dim=16,
+    )  # fmt: skip
+    clip_dir, dino_dir = folder / "clip", folder / "dino"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(clip_dir)
+        ViTModel(ViTConfig(image_size=32, patch_size=8, **tower), add_pooling_layer=False).save_pretrained(dino_dir)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(clip_dir)
+    ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
+    ).save_pretrained(dino_dir)
+    return clip_dir, dino_dir

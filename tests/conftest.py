@@ -10,60 +10,11 @@ import pytest
 # ---- eval scorers (tests/test_metrics.py, tests/test_report.py, tests/test_evaluate.py) --------------------------
 
 
-def save_tiny_scorers(folder: Path) -> tuple[Path, Path]:
-    """Save a tiny random CLIP (model + tokenizer + processor) and a tiny DINO-style ViT under ``folder``.
-
-    They are loaded back by path, so the scorers' real loading code runs without any download.
-    """
-    import torch
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-        ViTConfig,
-        ViTImageProcessor,
-        ViTModel,
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789,.":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    clip_dir, dino_dir = folder / "clip", folder / "dino"
-    CLIPModel(config).save_pretrained(clip_dir)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(clip_dir)
-    vit = ViTConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    ViTModel(vit, add_pooling_layer=False).save_pretrained(dino_dir)
-    ViTImageProcessor(
-        size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
-    ).save_pretrained(dino_dir)
-    return clip_dir, dino_dir
-
-
 @pytest.fixture(scope="session")
 def tiny_scorer_dirs(tmp_path_factory) -> tuple[Path, Path]:
-    """(clip_dir, dino_dir): tiny random scorer models saved to disk once per session."""
+    """(clip_dir, dino_dir): tiny random scorer models saved to disk once per session (loaded back by path)."""
+    from finetune.metrics import save_tiny_scorers
+
     return save_tiny_scorers(tmp_path_factory.mktemp("scorers"))
 
 
