@@ -1,0 +1,507 @@
+"""The local trainer: setup → cache → loop → checkpoint → register, top to bottom, written for accelerate.
+
+``train(cfg)`` checks the config, dataset and optimizer before any model loads; caches VAE latent distributions and
+text embeddings once (content-keyed, shared by all runs); trains a peft LoRA on the FLUX transformer with flow
+matching (DESIGN.md); checkpoints the full state atomically; renders samples and a fixed-σ validation loss; and
+registers the LoRA as a new version with its lineage. ``accelerate launch -m finetune train CONFIG`` runs it
+data-parallel: every global micro-batch comes from one bucket and every sample's noise, σ and caption dropout are
+drawn from (seed, micro-batch index, sample id), so the result does not depend on the number of processes; only
+the main process writes the cache, checkpoints, samples and the registry entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import resource
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
+
+from finetune import cache, checkpoint, flow, flux, lora, optim
+from finetune.config import Config, config_to_dict, dump_config
+from finetune.dataset import Entry, assign_buckets, batch_at, load_bucket_image, read_dataset, sample_seed
+from finetune.errors import FinetuneError
+from finetune.registry import Registry, Version
+
+__all__ = ["train"]
+
+log = logging.getLogger("finetune.train")
+LOG_EVERY = 10  # steps between host reads of the loss (one device sync per interval, not per step)
+VAL_SIGMAS = (0.25, 0.5, 0.75)  # fixed-σ validation loss (ai-toolkit/kohya pattern, reference/local-trainers.md §9)
+VAL_ITEMS = 4
+RESUMABLE_CHANGES = ("train.save_every", "train.output_dir", "train.cache_dir", "sample.")
+
+
+def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None = None) -> Version:
+    """Train a LoRA for ``cfg`` locally and register it; ``resume`` (True or a run folder) continues a run."""
+    t0 = time.perf_counter()
+    # ---- setup: everything that can fail cheaply fails before a model loads -------------------------------------
+    dataset = read_dataset(cfg.dataset, cfg.trigger_word)
+    device = flux.resolve_device(cfg.train.device)
+    mixed = cfg.train.mixed_precision
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=("bf16" if device.type == "cuda" else "no") if mixed == "auto" else mixed,
+    )
+    device, main = accelerator.device, accelerator.is_main_process
+    optim.check_optimizer(cfg.train.optimizer, device)
+    if not 1 <= cfg.lora.rank <= 256:
+        raise FinetuneError(f"lora.rank: {cfg.lora.rank} is out of range; use 1 to 256")
+    if cfg.train.batch_size % accelerator.num_processes:
+        raise FinetuneError(
+            f"train.batch_size: {cfg.train.batch_size} images cannot be split evenly over "
+            f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}"
+        )
+    registry = registry or Registry()
+    run_dir, ckpt = _run_dir(cfg, resume, accelerator)
+    state = checkpoint.load_training_state(ckpt) if ckpt else None
+    if state is not None:
+        _check_resumable(cfg, state, dataset.digest, ckpt)
+    dtype = flux.resolve_dtype(cfg.train.dtype, device)
+    seq_len = cfg.sequence_length
+    cache_dir = Path(cfg.train.cache_dir).expanduser() if cfg.train.cache_dir else cache.default_cache_dir()
+
+    # ---- models: the transformer and VAE; the text encoders only if the cache lacks a caption -------------------
+    c = flux.load_components(cfg.base_model, dtype=dtype, device=device, parts=("transformer", "vae"))
+    vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    entries = assign_buckets(dataset.items, cfg.train.resolution, multiple=2 * vae_scale)
+    prompts = [p.replace("[trigger]", cfg.trigger_word) for p in cfg.sample.prompts]
+    texts = sorted({item.caption for item in dataset.items} | {""} | set(prompts))
+
+    # ---- cache: built once by the main process, keyed by content and settings, read by every process ------------
+    t_cache = time.perf_counter()
+    vae_id = cache.source_identity(cfg.base_model, ["vae"])
+    text_id = cache.source_identity(cfg.base_model, ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"])
+    latent_keys = [cache.latent_key(vae_id, dataset.items[e.item].sha256, e.bucket, dtype) for e in entries]
+    text_keys = {t: cache.text_key(text_id, t, seq_len, dtype) for t in texts}
+    if main:
+        _build_cache(cfg, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale)
+    accelerator.wait_for_everyone()
+    latents = [cache.read_tensors(cache.latent_file(cache_dir, k)) for k in latent_keys]
+    text = {t: cache.read_tensors(cache.text_file(cache_dir, k)) for t, k in text_keys.items()}
+    c.vae.encoder = None  # only the decoder is needed from here on (samples)
+    gc.collect()
+    cache_s = time.perf_counter() - t_cache
+    if main:  # the run folder appears only once the inputs have passed every check
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        _log_to(run_dir / "train.log")
+    log.info(
+        "run %s: %d images, %d entries, device %s, dtype %s", run_dir, len(dataset.items), len(entries), device, dtype
+    )
+
+    # ---- LoRA, optimizer, schedule; then restore a checkpoint -----------------------------------------------------
+    transformer = c.transformer
+    lora.add_lora(
+        transformer,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        targets=cfg.lora.targets,
+        dropout=cfg.lora.dropout,
+        seed=cfg.train.seed,
+    )
+    if cfg.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    params = lora.lora_parameters(transformer)
+    optimizer = optim.build_optimizer(
+        cfg.train.optimizer, params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, device=device
+    )
+    # The schedule steps once per optimizer step, so it is not handed to accelerate (which steps it per process).
+    scheduler = optim.build_lr_scheduler(
+        optimizer, cfg.train.lr_scheduler, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.steps
+    )
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    start = 0
+    torch.manual_seed(cfg.train.seed)  # LoRA dropout is the only user of the global RNG
+    if state is not None:
+        lora.set_lora_state(transformer, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        start = state["step"]
+        log.info("resumed from %s at step %d", ckpt, start)
+
+    # ---- loop -------------------------------------------------------------------------------------------------------
+    guidance = None if cfg.is_schnell or not transformer.config.guidance_embeds else cfg.train.guidance
+    batch = _Batches(cfg, entries, latents, text, dataset.items, c.vae.config, accelerator, dtype)
+    val = _validation_batch(cfg, entries, latents, text, dataset.items, c.vae.config, device, dtype)
+    sampling = _sampling(cfg, c, transformer, text, prompts, run_dir) if main else None
+    losses = torch.zeros(cfg.train.steps, device=device)
+    bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not main, dynamic_ncols=True)
+    smoothed, logged, t_loop, t_log = None, start, time.perf_counter(), time.perf_counter()
+    if start == 0:
+        _evaluate(cfg, 0, transformer, val, guidance, sampling, run_dir, main)
+        t_loop = t_log = time.perf_counter()
+    accum = cfg.train.gradient_accumulation
+    for step in range(start, cfg.train.steps):
+        for micro in range(accum):
+            sync = micro == accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss = _flow_loss(model, batch(step * accum + micro), guidance)
+                accelerator.backward(loss / accum)
+            losses[step] += loss.detach() / accum
+        if cfg.train.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % LOG_EVERY == 0 or done == cfg.train.steps:  # the only host read of the loss
+            interval = accelerator.reduce(losses[logged:done].clone(), "mean").tolist()
+            s_per_it = (time.perf_counter() - t_log) / (done - logged)
+            for i, value in enumerate(interval):
+                smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+                row = {"step": logged + i + 1, "loss": value, "loss_smoothed": smoothed}
+                _metrics(run_dir, main, {**row, "lr": scheduler.get_last_lr()[0], "s_per_it": s_per_it})
+            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mem=_peak_memory(device))
+            accelerator.log({"loss": interval[-1], "loss_smoothed": smoothed}, step=done)
+            logged, t_log = done, time.perf_counter()
+        bar.update(1)
+        if cfg.train.save_every and done % cfg.train.save_every == 0 or done == cfg.train.steps:
+            if main:
+                _save(cfg, run_dir, done, transformer, optimizer, scheduler, dataset.digest)
+            accelerator.wait_for_everyone()
+        if cfg.sample.every and done % cfg.sample.every == 0 and done != cfg.train.steps:
+            t_eval = time.perf_counter()
+            _evaluate(cfg, done, transformer, val, guidance, sampling, run_dir, main)
+            t_log += time.perf_counter() - t_eval  # s/it counts training steps only
+            t_loop += time.perf_counter() - t_eval
+    bar.close()
+    train_s = time.perf_counter() - t_loop
+    _evaluate(cfg, cfg.train.steps, transformer, val, guidance, sampling, run_dir, main)
+
+    # ---- register: the main process adds the version, the others read it back ------------------------------------
+    ref = [None]
+    if main:
+        lora_file = lora.save_lora(
+            run_dir / "lora.safetensors",
+            lora.lora_state_dict(transformer),
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            base_model=cfg.base_model,
+            trigger_word=cfg.trigger_word,
+            targets=cfg.lora.targets,
+        )
+        timings = {"total_s": time.perf_counter() - t0, "cache_s": cache_s, "train_s": train_s}
+        timings["s_per_step"] = train_s / max(1, cfg.train.steps - start)
+        lineage = {
+            "base_model": cfg.base_model,
+            "trigger_word": cfg.trigger_word,
+            "backend": "local",
+            "dataset": {"path": str(dataset.path), "digest": dataset.digest},
+            "config": config_to_dict(cfg),
+            "timings": timings,
+            "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.targets},
+            "run_dir": str(run_dir),
+            "processes": accelerator.num_processes,
+        }
+        ref = [registry.add_version(cfg.output, lora_file, lineage).ref]
+        log.info("registered %s", ref[0])
+    accelerator.wait_for_everyone()
+    ref = broadcast_object_list(ref)
+    accelerator.end_training()
+    return registry.resolve(ref[0])
+
+
+# ---- setup helpers -------------------------------------------------------------------------------------------------
+
+
+def _run_dir(cfg: Config, resume: bool | str, accelerator: Accelerator) -> tuple[Path, Path | None]:
+    """The run folder (agreed by all processes) and the checkpoint to resume from, if any."""
+    name = cfg.output.split("/", 1)[1]
+    runs_root = Path("runs")
+    if isinstance(resume, str) and resume:
+        run_dir = Path(resume).expanduser()
+    elif resume:
+        run_dir = (
+            Path(cfg.train.output_dir)
+            if cfg.train.output_dir
+            else checkpoint.newest_run_with_checkpoint(runs_root, name)
+        )
+        if run_dir is None:
+            raise FinetuneError(f"--resume: no run folder {runs_root}/{name}-* with a checkpoint; train without it")
+    else:
+        run_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else None
+    if resume:
+        ckpt = checkpoint.latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FinetuneError(f"--resume: {run_dir} holds no checkpoint (checkpoints/step-*/); train without it")
+        return run_dir, ckpt
+    if run_dir is None:
+        stamp = [time.strftime("%Y%m%d-%H%M%S")]
+        stamp = broadcast_object_list(stamp)  # processes start at slightly different times
+        run_dir = runs_root / f"{name}-{stamp[0]}"
+        n = 1
+        while (run_dir / "checkpoints").exists():  # two runs started in the same second
+            n += 1
+            run_dir = runs_root / f"{name}-{stamp[0]}-{n}"
+    elif checkpoint.latest_checkpoint(run_dir) is not None:
+        raise FinetuneError(
+            f"train.output_dir: {run_dir} already holds checkpoints of a run; continue it with --resume or choose "
+            "another train.output_dir"
+        )
+    return run_dir, None
+
+
+def _check_resumable(cfg: Config, state: dict, digest: str, ckpt: Path) -> None:
+    """A run continues exactly only with the settings and data it started with."""
+    old, new = _flat(state["config"]), _flat(config_to_dict(cfg))
+    changed = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    )
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise FinetuneError(f"--resume: {ckpt} was trained with other settings ({diff}); resume with the same config")
+    if state["dataset_digest"] != digest:
+        raise FinetuneError(
+            f"--resume: dataset {cfg.dataset} changed since {ckpt} was written; resume with the same zip"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _log_to(path: Path) -> None:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(old)
+        old.close()
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _build_cache(cfg, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale):
+    """Encode what the cache lacks: estimate its size against the free disk first, then free the encoders."""
+    missing_latents = [i for i, k in enumerate(latent_keys) if not cache.latent_file(cache_dir, k).is_file()]
+    missing_texts = [(k, t) for t, k in text_keys.items() if not cache.text_file(cache_dir, k).is_file()]
+    if not missing_latents and not missing_texts:
+        log.info("cache: every latent and caption is cached in %s", cache_dir)
+        return
+    encoders = None
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    needed = cache.estimate_latent_bytes(
+        [entries[i].bucket for i in missing_latents], c.vae.config.latent_channels, vae_scale, itemsize
+    )
+    if missing_texts:
+        encoders = flux.load_components(
+            cfg.base_model, dtype=dtype, device=device, parts=("text_encoder", "text_encoder_2")
+        )
+        needed += cache.estimate_text_bytes(
+            len(missing_texts),
+            seq_len,
+            encoders.text_encoder_2.config.d_model,
+            encoders.text_encoder.config.projection_dim,
+            itemsize,
+        )
+    cache.check_free_space(cache_dir, needed)
+    log.info("cache: encoding %d latents and %d captions into %s", len(missing_latents), len(missing_texts), cache_dir)
+    with zipfile.ZipFile(dataset.path) as zf:
+
+        def pixels(entry: Entry) -> torch.Tensor:
+            image = load_bucket_image(zf, dataset.items[entry.item].name, entry.bucket)
+            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+            return x.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, h, w] in [-1, 1]
+
+        jobs = [(latent_keys[i], lambda e=entries[i]: pixels(e)) for i in missing_latents]
+        cache.cache_latents(cache_dir, jobs, lambda px: flux.encode_images(c.vae, px))
+    if encoders is not None:
+        cache.cache_texts(cache_dir, missing_texts, lambda t: flux.encode_prompts(encoders, t, seq_len))
+        del encoders  # the text encoders leave memory before the loop starts
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---- loop helpers ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    latents: torch.Tensor  # [B, C, h, w], normalized
+    noise: torch.Tensor  # [B, C, h, w]
+    sigmas: torch.Tensor  # [B]
+    prompt_embeds: torch.Tensor  # [B, seq, D]
+    pooled_prompt_embeds: torch.Tensor  # [B, P]
+    img_ids: torch.Tensor  # [(h/2)*(w/2), 3]
+    txt_ids: torch.Tensor  # [seq, 3]
+
+
+class _Batches:
+    """``batches(index)``: this process's share of global micro-batch ``index``, with per-sample randomness drawn
+    from (seed, index, sample id) so any process count sees the same samples with the same noise."""
+
+    def __init__(self, cfg, entries, latents, text, items, vae_config, accelerator, dtype):
+        self.cfg, self.entries, self.latents, self.text, self.items = cfg, entries, latents, text, items
+        self.vae_config, self.dtype, self.device = vae_config, dtype, accelerator.device
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.ids: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, index: int) -> _Batch:
+        cfg = self.cfg
+        chosen = batch_at(self.entries, cfg.train.batch_size, cfg.train.seed, index)
+        rows = []
+        for sample_id in range(self.rank, len(chosen), self.world):
+            entry = chosen[sample_id]
+            mean, std = self.latents[entry]["mean"].float(), self.latents[entry]["std"].float()
+            g = torch.Generator().manual_seed(sample_seed(cfg.train.seed, index, sample_id))
+            z = mean + std * torch.randn(mean.shape, generator=g)  # a fresh draw from the latent distribution
+            noise = torch.randn(mean.shape, generator=g)
+            seq = (mean.shape[1] // 2) * (mean.shape[2] // 2)
+            sigma = flow.sample_sigmas(cfg.train.sigma_sampling, 1, seq, g)
+            dropped = torch.rand(1, generator=g).item() < cfg.train.caption_dropout
+            caption = "" if dropped else self.items[self.entries[entry].item].caption
+            rows.append((z, noise, sigma, self.text[caption]))
+        z = torch.stack([r[0] for r in rows])
+        h, w = z.shape[-2:]
+        if (h, w) not in self.ids:
+            self.ids[(h, w)] = flux.latent_image_ids(h, w, self.device, self.dtype)
+        embeds = torch.stack([r[3]["prompt_embeds"] for r in rows])
+        to = dict(device=self.device, non_blocking=True)
+        return _Batch(
+            latents=flux.normalize_latents(z, self.vae_config).to(dtype=self.dtype, **to),
+            noise=torch.stack([r[1] for r in rows]).to(dtype=self.dtype, **to),
+            sigmas=torch.cat([r[2] for r in rows]).to(**to),
+            prompt_embeds=embeds.to(dtype=self.dtype, **to),
+            pooled_prompt_embeds=torch.stack([r[3]["pooled_prompt_embeds"] for r in rows]).to(dtype=self.dtype, **to),
+            img_ids=self.ids[(h, w)],
+            txt_ids=flux.text_ids(embeds.shape[1], self.device, self.dtype),
+        )
+
+
+def _flow_loss(model, b: _Batch, guidance: float | None) -> torch.Tensor:
+    """MSE between the predicted and the true velocity ``noise - latents`` at ``x_σ`` (DESIGN.md; flow.py)."""
+    noisy = flow.add_noise(b.latents, b.noise, b.sigmas)
+    model_pred = model(
+        hidden_states=flux.pack_latents(noisy),  # [B, (h/2)*(w/2), C*4]
+        encoder_hidden_states=b.prompt_embeds,
+        pooled_projections=b.pooled_prompt_embeds,
+        timestep=b.sigmas.to(b.latents.dtype),  # the transformer scales σ by 1000 itself
+        img_ids=b.img_ids,
+        txt_ids=b.txt_ids,
+        guidance=None if guidance is None else torch.full_like(b.sigmas, guidance),
+        return_dict=False,
+    )[0]
+    target = flux.pack_latents(flow.flow_target(b.latents, b.noise))  # packing is a permutation: same MSE
+    return F.mse_loss(model_pred.float(), target.float())
+
+
+def _validation_batch(cfg, entries, latents, text, items, vae_config, device, dtype) -> list[_Batch]:
+    """Fixed batches for the validation loss: the first images at each σ in VAL_SIGMAS with fixed noise."""
+    out = []
+    for i, entry in enumerate(entries[:VAL_ITEMS]):
+        mean = latents[i]["mean"].float()
+        g = torch.Generator().manual_seed(sample_seed(cfg.train.seed, -1, i, "validation"))
+        noise = torch.randn((len(VAL_SIGMAS), *mean.shape), generator=g)
+        emb = text[items[entry.item].caption]
+        h, w = mean.shape[-2:]
+        out.append(
+            _Batch(
+                latents=flux.normalize_latents(mean, vae_config).expand_as(noise).to(device=device, dtype=dtype),
+                noise=noise.to(device=device, dtype=dtype),
+                sigmas=torch.tensor(VAL_SIGMAS, device=device),
+                prompt_embeds=emb["prompt_embeds"].expand(len(VAL_SIGMAS), -1, -1).to(device=device, dtype=dtype),
+                pooled_prompt_embeds=emb["pooled_prompt_embeds"].expand(len(VAL_SIGMAS), -1).to(device, dtype),
+                img_ids=flux.latent_image_ids(h, w, device, dtype),
+                txt_ids=flux.text_ids(emb["prompt_embeds"].shape[0], device, dtype),
+            )
+        )
+    return out
+
+
+def _sampling(cfg, c, transformer, text, prompts, run_dir) -> dict | None:
+    if not cfg.sample.every or not prompts or not cfg.sample.seeds:
+        return None
+    defaults = flux.default_sampling(cfg.base_model)
+    pipe = flux.pipeline_from_components(
+        flux.FluxComponents(transformer=transformer, vae=c.vae, scheduler=c.scheduler)
+    )
+    return {
+        "pipe": pipe,
+        "prompts": prompts,
+        "steps": cfg.sample.steps or defaults["steps"],
+        "size": cfg.sample.size or defaults["size"],
+        "guidance": cfg.sample.guidance or defaults["guidance"],
+        "embeds": torch.stack([text[p]["prompt_embeds"] for p in prompts]),
+        "pooled": torch.stack([text[p]["pooled_prompt_embeds"] for p in prompts]),
+    }
+
+
+@torch.no_grad()
+def _evaluate(cfg, step, transformer, val, guidance, sampling, run_dir, main) -> None:
+    """Fixed-σ validation loss and sample images (main process; the bare model, so no collective is needed)."""
+    if not main:
+        return
+    transformer.eval()
+    val_loss = sum(_flow_loss(transformer, b, guidance).item() for b in val) / max(1, len(val))
+    _metrics(run_dir, main, {"step": step, "val_loss": val_loss})
+    if sampling is not None:
+        images = flux.sample_images(
+            sampling["pipe"],
+            sampling["prompts"],
+            list(cfg.sample.seeds),
+            steps=sampling["steps"],
+            size=sampling["size"],
+            guidance=sampling["guidance"],
+            prompt_embeds=sampling["embeds"],
+            pooled_prompt_embeds=sampling["pooled"],
+        )
+        folder = run_dir / "samples" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs = [(p, s) for p in range(len(sampling["prompts"])) for s in cfg.sample.seeds]
+        for (p, s), image in zip(jobs, images, strict=True):
+            image.save(folder / f"prompt{p}-seed{s}.png")
+    transformer.train()
+
+
+def _metrics(run_dir: Path, main: bool, row: dict) -> None:
+    if main:
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}G"  # Linux reports KiB
+
+
+def _save(cfg, run_dir, step, transformer, optimizer, scheduler, digest) -> None:
+    weights = lora.lora_state_dict(transformer)
+    state = {
+        "lora": weights,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": checkpoint.rng_state(),
+        "data_index": step * cfg.train.gradient_accumulation,  # next global micro-batch
+        "dataset_digest": digest,
+        "config": config_to_dict(cfg),
+    }
+    write = lambda path: lora.save_lora(  # noqa: E731
+        path,
+        weights,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        base_model=cfg.base_model,
+        trigger_word=cfg.trigger_word,
+        targets=cfg.lora.targets,
+    )
+    checkpoint.save_checkpoint(run_dir, step, state, write, dump_config(cfg))
+    log.info("checkpoint %s", checkpoint.checkpoint_dir(run_dir, step))
