@@ -710,6 +710,10 @@ class Captioner:
         try:
             self.processor = AutoProcessor.from_pretrained(model)
             self.model = AutoModelForImageTextToText.from_pretrained(model).eval()
+            import torch
+
+            if torch.cuda.is_available():
+                self.model.to("cuda")
         except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
             raise FinetuneError(
                 f"--autocaption model {model!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}). "

@@ -6,7 +6,8 @@ each contender in a fresh subprocess (so both pay the same start-up and neither 
 - naive: open, exif_transpose, convert("RGB"), thumbnail((1024, 1024)), save JPEG q95, write to a zip; one process.
 - prepare: ``finetune.recipes.prepare.prepare(..., max_side=1024)`` with its default worker count (all cores).
 
-Prints the median wall time of each over ``--repeats`` runs, the ratio, images/s, and peak memory: the peak of the
+Prints the median wall time of each over ``--repeats`` runs, the ratio, images/s, CPU seconds (own + children;
+a figure that barely depends on how loaded the machine is), and peak memory: the peak of the
 summed RSS of the whole process tree (sampled every 10 ms; shared pages count once per process, so this is an
 upper bound) and the exact per-process peaks (ru_maxrss of the main process and of its largest worker). Run it for
 two N to show memory is flat in N:
@@ -92,10 +93,12 @@ def child(kind: str, folder: Path, n: int, out: Path) -> None:
         start = time.perf_counter()
         prepare([subset], out, "TOK", max_side=1024, progress=False, near_duplicate_distance=None)
     wall = time.perf_counter() - start
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(
         json.dumps(
             {
                 "wall_s": wall,
+                "cpu_s": own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,  # imports included
                 "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "children_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             }
@@ -160,20 +163,28 @@ def main() -> None:
                 "median_wall_s": round(wall, 3),
                 "walls_s": [round(r["wall_s"], 3) for r in results],
                 "images_per_s": round(n / wall, 2),
+                "median_cpu_s": round(statistics.median(r["cpu_s"] for r in results), 2),
                 "tree_peak_rss_mb": round(max(r["tree_peak_rss_mb"] for r in results), 1),
                 "main_maxrss_mb": round(max(r["self_maxrss_mb"] for r in results), 1),
                 "worker_maxrss_mb": round(max(r["children_maxrss_mb"] for r in results), 1),
             }
         row["speedup"] = round(row["naive"]["median_wall_s"] / row["prepare"]["median_wall_s"], 2)
+        # CPU seconds barely depend on how busy the machine is; naive CPU / (prepare CPU / cores) is the wall-time
+        # speedup an otherwise idle machine would show if the pool scaled perfectly.
+        row["cpu_ratio"] = round(row["naive"]["median_cpu_s"] / row["prepare"]["median_cpu_s"], 2)
         figures.append(row)
         for kind in runs:
             r = row[kind]
             print(
                 f"N={n:<4} {kind:<8} median {r['median_wall_s']:7.2f} s  {r['images_per_s']:6.1f} img/s  "
+                f"CPU {r['median_cpu_s']:6.1f} s  "
                 f"tree peak RSS {r['tree_peak_rss_mb']:6.0f} MB  (main {r['main_maxrss_mb']:.0f} MB, "
                 f"largest worker {r['worker_maxrss_mb']:.0f} MB)  runs {r['walls_s']}"
             )
-        print(f"N={n:<4} speedup  {row['speedup']:.2f}x")
+        print(
+            f"N={n:<4} speedup  {row['speedup']:.2f}x wall; CPU-time ratio {row['cpu_ratio']:.2f}x "
+            f"(x{cores} cores = {row['cpu_ratio'] * cores:.1f}x on an idle machine with perfect scaling)"
+        )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -214,38 +214,43 @@ def _process_all(
     tasks: list[data.ImageTask], opts: data.NormalizeOptions, workers: int | None, progress: bool
 ) -> list[data.ImageResult]:
     """Run :func:`data.process_image` over all tasks on a process pool; results in task order."""
-    from tqdm import tqdm
-
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(workers, len(tasks)))
-    bar = tqdm(total=len(tasks), unit="img", desc="prepare", file=sys.stderr, disable=not progress, delay=1.0)
     results = []
-    try:
-        if workers == 1:
+    if workers == 1:
+        with _progress_bar(len(tasks), progress) as bar:
             for task in tasks:
                 results.append(data.process_image(task, opts))
                 bar.update()
-            return results
-        # fork on Linux: workers need no re-import of __main__, so scripts without a main guard, `python -` and
-        # notebooks work; they only run Pillow/numpy, never the parent's torch threads. spawn elsewhere.
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx)
-        try:
-            # Tasks and results are a few hundred bytes; the pixels go to opts.workdir, so memory stays flat.
-            for result in pool.map(data.process_image, tasks, repeat(opts), chunksize=1):
+        return results
+    # fork on Linux: workers need no re-import of __main__, so scripts without a main guard, `python -` and
+    # notebooks work; they only run Pillow/numpy, never the parent's torch threads. spawn elsewhere.
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx)
+    try:
+        # map submits every task now, which starts the workers before the progress bar starts its thread.
+        # Tasks and results are a few hundred bytes; the pixels go to opts.workdir, so memory stays flat.
+        outcomes = pool.map(data.process_image, tasks, repeat(opts), chunksize=1)
+        with _progress_bar(len(tasks), progress) as bar:
+            for result in outcomes:
                 results.append(result)
                 bar.update()
-        except BrokenProcessPool:
-            raise FinetuneError(
-                "a decoding worker died (out of memory or killed); rerun with --workers 1 to see which file",
-                EXIT_FAILURE,
-            ) from None
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        return results
+    except BrokenProcessPool:
+        raise FinetuneError(
+            "a decoding worker died (out of memory or killed); rerun with --workers 1 to see which file",
+            EXIT_FAILURE,
+        ) from None
     finally:
-        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """tqdm on stderr in images/s; it appears only once a run has taken more than a second."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="prepare", file=sys.stderr, disable=not enabled, delay=1.0)
 
 
 def _caption_rows(
