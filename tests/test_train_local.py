@@ -77,6 +77,20 @@ def test_same_config_and_seed_give_the_same_version(work, dataset_zip):
     assert all(r["lr"] == pytest.approx(1e-2) for r in rows if "lr" in r)
 
 
+def test_samples_at_step_zero_and_every_n_steps(work, dataset_zip):
+    data = tiny_config(dataset_zip, steps=4)
+    data["sample"] = {"every": 2, "steps": 2, "size": 32, "seeds": [1, 2], "prompts": ["a photo of [trigger]"]}
+    run = Path(train(parse_config(data)).lineage["run_dir"])
+    folders = sorted(p.name for p in (run / "samples").iterdir())
+    assert folders == ["step-000000", "step-000002", "step-000004"]
+    for folder in folders:
+        names = sorted(p.name for p in (run / "samples" / folder).iterdir())
+        assert names == ["prompt0-seed1.png", "prompt0-seed2.png"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
+    assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard, installed in the dev environment
+
+
 def test_second_run_reuses_the_cache(work, dataset_zip, finetune_home):
     cfg = parse_config(tiny_config(dataset_zip, steps=1))
     train(cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import json
 import logging
 import resource
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
@@ -47,23 +48,26 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     t0 = time.perf_counter()
     # ---- setup: everything that can fail cheaply fails before a model loads -------------------------------------
     dataset = read_dataset(cfg.dataset, cfg.trigger_word)
-    device = flux.resolve_device(cfg.train.device)
-    mixed = cfg.train.mixed_precision
-    accelerator = Accelerator(
-        cpu=device.type == "cpu",
-        mixed_precision=("bf16" if device.type == "cuda" else "no") if mixed == "auto" else mixed,
-    )
-    device, main = accelerator.device, accelerator.is_main_process
+    cpu = flux.resolve_device(cfg.train.device).type == "cpu"
+    processes = PartialState(cpu=cpu)  # joins `accelerate launch` / torchrun process groups
+    device, main = processes.device, processes.is_main_process
     optim.check_optimizer(cfg.train.optimizer, device)
     if not 1 <= cfg.lora.rank <= 256:
         raise FinetuneError(f"lora.rank: {cfg.lora.rank} is out of range; use 1 to 256")
-    if cfg.train.batch_size % accelerator.num_processes:
+    if cfg.train.batch_size % processes.num_processes:
         raise FinetuneError(
             f"train.batch_size: {cfg.train.batch_size} images cannot be split evenly over "
-            f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}"
+            f"{processes.num_processes} processes; use a multiple of {processes.num_processes}"
         )
     registry = registry or Registry()
-    run_dir, ckpt = _run_dir(cfg, resume, accelerator)
+    run_dir, ckpt = _run_dir(cfg, resume)
+    mixed = cfg.train.mixed_precision
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=("bf16" if device.type == "cuda" else "no") if mixed == "auto" else mixed,
+        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,  # optional, when installed
+        project_dir=str(run_dir),
+    )
     state = checkpoint.load_training_state(ckpt) if ckpt else None
     if state is not None:
         _check_resumable(cfg, state, dataset.digest, ckpt)
@@ -96,6 +100,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         _log_to(run_dir / "train.log")
+    accelerator.init_trackers("logs")  # TensorBoard events in <run>/logs (main process only)
     log.info(
         "run %s: %d images, %d entries, device %s, dtype %s", run_dir, len(dataset.items), len(entries), device, dtype
     )
@@ -219,7 +224,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
 # ---- setup helpers -------------------------------------------------------------------------------------------------
 
 
-def _run_dir(cfg: Config, resume: bool | str, accelerator: Accelerator) -> tuple[Path, Path | None]:
+def _run_dir(cfg: Config, resume: bool | str) -> tuple[Path, Path | None]:
     """The run folder (agreed by all processes) and the checkpoint to resume from, if any."""
     name = cfg.output.split("/", 1)[1]
     runs_root = Path("runs")

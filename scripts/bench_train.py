@@ -1,0 +1,231 @@
+"""Benchmark the local trainer on preset:small against a naive loop, the eager transformer step and the compute floor.
+
+    python scripts/bench_train.py                    # 256 and 512 px, 2 threads
+    python scripts/bench_train.py --px 256 --steps 40
+
+For each resolution, in fresh subprocesses (so peak RSS is per measurement), with 8 generated images, batch 1,
+LoRA rank 16, T5 max_sequence_length 64:
+
+- ``trainer``: ``finetune.train`` itself (cache warm, no samples); median s/step of its logged intervals after the
+  first (warm-up);
+- ``naive``: what trainers without caching do: every step encodes the image with the VAE and the caption with CLIP
+  and T5, then the transformer step;
+- ``eager``: the transformer forward + backward + AdamW step alone, inputs ready in memory;
+- ``floor``: the step's FLOPs (counted from the op shapes by ``torch.utils.flop_counter``) divided by the matmul
+  rate measured here on this step's largest matmul shape.
+
+Prints a table and the ratios, and writes the figures as JSON with ``--json PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = 64
+RANK = 16
+IMAGES = 8
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _dataset(folder: Path, px: int) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import write_dataset_zip
+
+    sizes = [(px, px), (px + px // 4, px), (px, px + px // 4), (px, px)] * (IMAGES // 4)
+    return write_dataset_zip(folder / f"bench-{px}.zip", sizes)
+
+
+def _config(dataset: Path, px: int, steps: int, out: Path):
+    from finetune.config import parse_config
+
+    return parse_config(
+        {
+            "base_model": "preset:small",
+            "output": "bench/small",
+            "dataset": str(dataset),
+            "lora": {"rank": RANK, "alpha": RANK},
+            "train": {
+                "steps": steps,
+                "resolution": [px],
+                "batch_size": 1,
+                "max_sequence_length": SEQ,
+                "learning_rate": 1e-4,
+                "save_every": 0,
+                "output_dir": str(out),
+            },
+            "sample": {"every": 0},
+        }
+    )
+
+
+def _trainer(px: int, steps: int, work: Path) -> dict:
+    from finetune.recipes.train_local import train
+
+    data = _dataset(work, px)
+    train(_config(data, px, 2, work / "warm"))  # fills the cache: the measured run is a second run, as in practice
+    version = train(_config(data, px, steps, work / "run"))
+    rows = [json.loads(x) for x in (Path(version.lineage["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    intervals = list(dict.fromkeys(r["s_per_it"] for r in rows if "s_per_it" in r))  # one value per interval
+    return {"s_per_step": statistics.median(intervals[1:] or intervals), "intervals": intervals}
+
+
+def _setup(px: int):
+    """preset:small with a rank-16 LoRA, its optimizer, and one bucket's inputs (the trainer's shapes)."""
+    import torch
+
+    from finetune import flow, flux, lora
+
+    c = flux.build_preset("small")
+    lora.add_lora(c.transformer, rank=RANK, alpha=RANK, targets="all-linear", seed=0)
+    c.transformer.train()
+    params = lora.lora_parameters(c.transformer)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    g = torch.Generator().manual_seed(0)
+    h = w = px // 8
+    latents = torch.randn(1, 16, h, w, generator=g)
+    noise = torch.randn(1, 16, h, w, generator=g)
+    sigmas = flow.sample_sigmas("flux_shift", 1, (h // 2) * (w // 2), g)
+    inputs = dict(
+        encoder_hidden_states=torch.randn(1, SEQ, 256, generator=g),
+        pooled_projections=torch.randn(1, 128, generator=g),
+        img_ids=flux.latent_image_ids(h, w, "cpu", torch.float32),
+        txt_ids=flux.text_ids(SEQ, "cpu", torch.float32),
+        guidance=torch.ones(1),
+    )
+    return c, params, opt, latents, noise, sigmas, inputs
+
+
+def _transformer_step(c, params, opt, latents, noise, sigmas, inputs) -> None:
+    import torch.nn.functional as F
+
+    from finetune import flow, flux
+
+    noisy = flow.add_noise(latents, noise, sigmas)
+    pred = c.transformer(hidden_states=flux.pack_latents(noisy), timestep=sigmas, return_dict=False, **inputs)[0]
+    loss = F.mse_loss(pred, flux.pack_latents(flow.flow_target(latents, noise)))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _timed(fn, steps: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _eager(px: int, steps: int) -> dict:
+    args = _setup(px)
+    times = _timed(lambda: _transformer_step(*args), steps)
+    return {"s_per_step": statistics.median(times)}
+
+
+def _naive(px: int, steps: int, work: Path) -> dict:
+    """Encode image and caption every step (no cache), then the same transformer step."""
+    import torch
+
+    from finetune import flux
+
+    c, params, opt, _, noise, sigmas, inputs = _setup(px)
+    pixels = torch.rand(1, 3, px, px) * 2 - 1
+    caption = ["a photo of TOK, picture 0"]
+
+    def step():
+        mean, std = flux.encode_images(c.vae, pixels)
+        latents = flux.normalize_latents(mean + std * torch.randn_like(std), c.vae.config)
+        embeds, pooled = flux.encode_prompts(c, caption, SEQ)
+        fresh = {**inputs, "encoder_hidden_states": embeds, "pooled_projections": pooled}
+        _transformer_step(c, params, opt, latents, noise, sigmas, fresh)
+
+    return {"s_per_step": statistics.median(_timed(step, steps))}
+
+
+def _floor(px: int, steps: int) -> dict:
+    """FLOPs of one step from op shapes, over the matmul rate of this machine measured on the step's biggest GEMM."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = _setup(px)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _transformer_step(*args)
+    flops = counter.get_total_flops()
+    tokens = (px // 16) ** 2 + SEQ
+    a, b = torch.randn(tokens, 256), torch.randn(256, 1024)  # the widest projections of preset:small (mlp 4x256)
+    times = _timed(lambda: torch.mm(a, b), max(50, steps * 5))
+    rate = 2 * tokens * 256 * 1024 / statistics.median(times)
+    return {"s_per_step": flops / rate, "flops": flops, "matmul_flops_per_s": rate}
+
+
+def _child(kind: str, px: int, steps: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FINETUNE_HOME"] = str(Path(tmp) / "home")
+        os.chdir(tmp)
+        work = Path(tmp)
+        result = {
+            "trainer": lambda: _trainer(px, steps, work),
+            "naive": lambda: _naive(px, steps, work),
+            "eager": lambda: _eager(px, steps),
+            "floor": lambda: _floor(px, steps),
+        }[kind]()
+    result["peak_rss_mb"] = _peak_rss_mb()
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--px", type=int, nargs="*", default=[256, 512])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child[0], int(args.child[1]), args.steps, args.threads)
+        return
+    figures = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    for px in args.px:
+        row = {}
+        for kind in ("trainer", "naive", "eager", "floor"):
+            cmd = [sys.executable, __file__, "--child", kind, str(px), "--steps", str(args.steps)]
+            cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not lines:
+                sys.exit(f"{kind} at {px} px failed:\n{out.stderr[-3000:]}")
+            row[kind] = json.loads(lines[-1][len("RESULT ") :])
+        figures[px] = row
+        t, e, f, n = (row[k]["s_per_step"] for k in ("trainer", "eager", "floor", "naive"))
+        print(f"\npreset:small {px} px, batch 1, rank {RANK}, T5 {SEQ} tokens, {args.threads} threads")
+        print(f"  {'':8} {'s/step':>8} {'peak RSS MB':>12}")
+        for kind in ("trainer", "naive", "eager", "floor"):
+            print(f"  {kind:8} {row[kind]['s_per_step']:8.4f} {row[kind]['peak_rss_mb']:12.0f}")
+        print(f"  trainer/eager {t / e:.2f}  trainer/floor {t / f:.2f}  naive/trainer {n / t:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
