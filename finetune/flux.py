@@ -240,6 +240,9 @@ def _build_t5_tokenizer() -> Any:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
+_PRESET_VAE_LOGVAR_SHIFT = 8.0  # exp(-8 / 2) ≈ 0.018: posterior std of a trained-looking VAE
+
+
 def build_preset(name: str, seed: int = 0) -> FluxComponents:
     """Build ``preset:<name>`` in process: the full FLUX.1 layout at toy sizes with random weights.
 
@@ -270,6 +273,10 @@ def build_preset(name: str, seed: int = 0) -> FluxComponents:
             use_post_quant_conv=False,
             **spec["vae"],
         )
+        # A trained VAE's posterior is narrow (std far below the spread of the means); at random init the log-variance
+        # half of the encoder output is ~0, so std ~1 and every latent would be mostly noise. Shift it to std ~0.02.
+        with torch.no_grad():
+            vae.encoder.conv_out.bias[16:] -= _PRESET_VAE_LOGVAR_SHIFT
         torch.manual_seed(seed + 2)
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         text_encoder = CLIPTextModel(
