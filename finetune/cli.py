@@ -441,6 +441,19 @@ def webhooks_serve(
     receiver.serve()
 
 
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option("--out", help="Folder for the images, dataset, run and report.")] = "demo",
+    size: Annotated[str, typer.Option("--size", help="tiny (default, under 3 min on 2 CPU cores) or small.")] = "tiny",
+) -> None:
+    """Run the whole job on the CPU with a random-weight model: images → prepare → train → register → eval."""
+    if size not in ("tiny", "small"):
+        raise fail(f"--size {size!r} must be 'tiny' or 'small'")
+    from finetune.demo import run_demo
+
+    run_demo(out, size=size)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps user errors to a clear message and a meaningful exit code."""
     try:

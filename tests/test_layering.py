@@ -16,7 +16,7 @@ BASE = {"finetune.config", "finetune.errors"}  # the bottom layer: imports nothi
 
 
 def layer(module: str) -> str:
-    if module in ("finetune.cli", "finetune"):
+    if module in ("finetune.cli", "finetune", "finetune.demo"):
         return "cli"
     if module.startswith("finetune.recipes"):
         return "recipe"
