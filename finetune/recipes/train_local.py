@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from finetune import cache, checkpoint, flow, flux, lora, optim
 from finetune.config import Config, config_to_dict, dump_config
 from finetune.dataset import Entry, assign_buckets, batch_at, load_bucket_image, read_dataset, sample_seed
-from finetune.errors import FinetuneError
+from finetune.errors import EXIT_FAILURE, FinetuneError
 from finetune.registry import Registry, Version
 
 __all__ = ["train"]
@@ -89,8 +89,16 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     latent_keys = [cache.latent_key(vae_id, dataset.items[e.item].sha256, e.bucket, dtype) for e in entries]
     text_keys = {t: cache.text_key(text_id, t, seq_len, dtype) for t in texts}
     if main:
-        _build_cache(cfg, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale)
-    accelerator.wait_for_everyone()
+        try:
+            _build_cache(
+                cfg, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale
+            )
+        except Exception as e:  # the other processes wait for the broadcast below: tell them, then raise
+            broadcast_object_list([f"{type(e).__name__}: {e}"])
+            raise
+    failure = broadcast_object_list([None])[0]  # also the barrier: the cache is complete past this line
+    if failure is not None:
+        raise FinetuneError(f"the main process could not build the cache ({failure})", EXIT_FAILURE)
     latents = [cache.read_tensors(cache.latent_file(cache_dir, k)) for k in latent_keys]
     text = {t: cache.read_tensors(cache.text_file(cache_dir, k)) for t, k in text_keys.items()}
     c.vae.encoder = None  # only the decoder is needed from here on (samples)
