@@ -102,20 +102,32 @@ def test_second_run_reuses_the_cache(work, dataset_zip, finetune_home):
     assert sorted((finetune_home / "cache").rglob("*.safetensors")) == files
 
 
-def test_resume_continues_at_the_checkpoint_step(work, dataset_zip):
-    cfg = parse_config(tiny_config(dataset_zip, save_every=3, output_dir=str(work / "a")))
-    full = train(cfg)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        # LoRA dropout draws from the global RNG, accumulation and a warm-up/cosine schedule carry state too
+        {"lora": {"rank": 4, "alpha": 8, "dropout": 0.1}, "train": {"gradient_accumulation": 2, "warmup_steps": 2,
+         "lr_scheduler": "cosine"}},
+    ],
+)  # fmt: skip
+def test_resume_continues_at_the_checkpoint_step(work, dataset_zip, extra):
+    def config(**keys):
+        data = tiny_config(dataset_zip, save_every=3, **{**extra.get("train", {}), **keys})
+        return parse_config({**data, "lora": extra.get("lora", {})})
+
+    full = train(config(output_dir=str(work / "a")))
     # A copy of the run that stopped after its step-3 checkpoint: resume must reproduce steps 4-6 bitwise.
     shutil.copytree(work / "a", work / "b")
     shutil.rmtree(work / "b" / "checkpoints" / "step-000006")
     (work / "b" / "lora.safetensors").unlink()
-    resumed = train(parse_config(tiny_config(dataset_zip, save_every=3, output_dir=str(work / "b"))), resume=True)
+    resumed = train(config(output_dir=str(work / "b")), resume=True)
     assert resumed.id == full.id
     assert (work / "b" / "lora.safetensors").read_bytes() == (work / "a" / "lora.safetensors").read_bytes()
     with pytest.raises(FinetuneError, match=r"train.learning_rate: 0.01 -> 0.02"):
-        train(parse_config(tiny_config(dataset_zip, learning_rate=2e-2, output_dir=str(work / "b"))), resume=True)
+        train(config(learning_rate=2e-2, output_dir=str(work / "b")), resume=True)
     with pytest.raises(FinetuneError, match="already holds checkpoints"):
-        train(parse_config(tiny_config(dataset_zip, output_dir=str(work / "b"))))
+        train(config(output_dir=str(work / "b")))
 
 
 def test_resume_without_a_run_is_a_clear_error(work, dataset_zip):
