@@ -63,6 +63,7 @@ JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 LOSSY_FORMATS = frozenset({"JPEG", "MPO", "HEIF", "AVIF"})  # re-encoded as JPEG q95; everything else as PNG
 JPEG_QUALITY = 95
 MAX_CAPTION_BYTES = 1 << 20
+MAX_METADATA_BYTES = 256 << 20  # metadata.jsonl/csv hold one row per image
 
 # Zip sources are read in place; these bound what a hostile archive can make us read.
 ZIP_MAX_MEMBERS = 100_000
@@ -148,7 +149,7 @@ def scan_source(src: str | Path) -> ScannedSource:
         with zipfile.ZipFile(path) as zf:
             scanned = _scan_tree(
                 members,
-                lambda rel: zf.read(rel)[: MAX_CAPTION_BYTES + 1],
+                lambda rel: _read_member(zf, rel),
                 name,
                 lambda rel: ImageTask("", "zip", str(path), member=rel),
             )
@@ -171,9 +172,19 @@ def scan_source(src: str | Path) -> ScannedSource:
     )
 
 
+def _limit(rel: str) -> int:
+    return MAX_METADATA_BYTES if PurePosixPath(rel.lower()).name in METADATA_NAMES else MAX_CAPTION_BYTES
+
+
 def _read_limited(path: Path) -> bytes:
+    """A caption or metadata file, read only up to one byte past its size limit."""
     with open(path, "rb") as f:
-        return f.read(MAX_CAPTION_BYTES + 1)
+        return f.read(_limit(path.name) + 1)
+
+
+def _read_member(zf: zipfile.ZipFile, rel: str) -> bytes:
+    with zf.open(rel) as f:
+        return f.read(_limit(rel) + 1)
 
 
 def _junk_reason(rel: str) -> str | None:
@@ -248,8 +259,9 @@ def _scan_tree(
 
 
 def _decode_caption(raw: bytes, label: str) -> str:
-    if len(raw) > MAX_CAPTION_BYTES:
-        raise FinetuneError(f"caption file {label} is larger than 1 MiB; a caption is one line of text")
+    limit = _limit(label)
+    if len(raw) > limit:
+        raise FinetuneError(f"{label} is larger than {limit >> 20} MiB; captions are one line of text per image")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

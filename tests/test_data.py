@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import stat
 import zipfile
 from pathlib import Path
@@ -239,3 +240,15 @@ def test_zip_listing_skips_symlinks_and_junk(tmp_path: Path) -> None:
     reasons = {i.source: i.reason for i in scanned.ignored}
     assert reasons == {"set.zip/__MACOSX/top/._a.png": "macOS archive metadata (__MACOSX/)",
                        "set.zip/top/link.png": "symlink inside a zip, not followed"}  # fmt: skip
+
+
+def test_caption_size_limits_allow_big_metadata_but_not_big_captions(tmp_path: Path) -> None:
+    smooth(1).save(tmp_path / "x.png")
+    rows = [{"file_name": "x.png", "text": "from metadata"}] + [
+        {"file_name": f"{i}.png", "text": "y" * 100} for i in range(12000)
+    ]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert data.scan_source(tmp_path).captions[f"{tmp_path.name}/x.png"] == ("from metadata", "metadata")
+    (tmp_path / "x.txt").write_bytes(b"a" * ((1 << 20) + 1))
+    with pytest.raises(FinetuneError, match=r"x\.txt is larger than 1 MiB"):
+        data.scan_source(tmp_path)
