@@ -100,8 +100,9 @@ def replicate_stub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     REPLICATE_API_TOKEN and REPLICATE_BASE_URL point at it, the remote recipe polls every 20 ms, FINETUNE_HOME is
     empty and the working directory is ``tmp_path`` (run folders land in ``tmp_path/runs``).
     """
-    import finetune.recipes.train_remote as train_remote_module
     from replicate_stub import ReplicateStub
+
+    import finetune.recipes.train_remote as train_remote_module
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
