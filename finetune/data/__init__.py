@@ -1,0 +1,52 @@
+"""Dataset preparation components: find images and captions, decode and normalize one image, hash, caption.
+
+Sources are folders (recursive), zip files (read in place, never extracted) and `datasets` folders written by
+``save_to_disk``. :func:`scan_source` lists the images of one source with their captions (sidecar ``.txt`` /
+``.caption`` files or ``metadata.jsonl`` / ``metadata.csv`` rows) and what it ignored; :func:`process_image` runs in a
+worker process and turns one image into normalized 8-bit sRGB bytes in a work folder; :func:`find_duplicates`,
+:func:`apply_trigger` and :class:`Captioner` finish the job. Facts behind the choices (EXIF, alpha, ICC, junk files,
+zip pitfalls) are in ``reference/eval-and-data.md`` part B.
+"""
+
+from __future__ import annotations
+
+from finetune.data.captions import Captioner, apply_trigger, clean_caption, common_word_in
+from finetune.data.images import (
+    ImageResult,
+    NormalizeOptions,
+    find_duplicates,
+    hamming,
+    parse_background,
+    perceptual_hash,
+    process_image,
+)
+from finetune.data.sources import (
+    CAPTION_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    Ignored,
+    ImageTask,
+    ScannedSource,
+    read_zip_listing,
+    scan_source,
+)
+
+__all__ = [
+    "CAPTION_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "Captioner",
+    "Ignored",
+    "ImageResult",
+    "ImageTask",
+    "NormalizeOptions",
+    "ScannedSource",
+    "apply_trigger",
+    "clean_caption",
+    "common_word_in",
+    "find_duplicates",
+    "hamming",
+    "parse_background",
+    "perceptual_hash",
+    "process_image",
+    "read_zip_listing",
+    "scan_source",
+]
