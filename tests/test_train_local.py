@@ -282,5 +282,8 @@ def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path):
     a = load_file(str(Registry(single_home).versions("me/tok")[0].lora_path))
     b = load_file(str(versions[0].lora_path))
     assert a.keys() == b.keys()
+    # Adam moves each weight by about lr (1e-2) per step whatever the gradient's size, so a gradient near zero that
+    # differs in its last bits (all-reduce vs one batch mean) can move a weight differently: 1e-4 is 1% of one step.
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    assert max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k) > 1e-2  # far above the tolerance
