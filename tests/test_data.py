@@ -222,6 +222,13 @@ def test_hostile_zip_paths_are_rejected(tmp_path: Path, evil: str) -> None:
     assert not (tmp_path.parent / "evil.txt").exists()
 
 
+def test_broken_zip_source_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "photos.zip").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(FinetuneError, match="not a readable zip archive") as err:
+        data.scan_source(tmp_path / "photos.zip")
+    assert err.value.exit_code == 2
+
+
 def test_zip_bomb_is_rejected_before_reading(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match="zip bomb"):
         data.read_zip_listing(zip_bomb(tmp_path / "bomb.zip"))

@@ -116,6 +116,8 @@ def scan_source(src: str | Path) -> ScannedSource:
             )
         scanned.ignored += [Ignored(f"{name}/{m}", r) for m, r in ignored]
         return scanned
+    if path.suffix.lower() == ".zip":
+        raise FinetuneError(f"source {str(src)!r} ends in .zip but is not a readable zip archive; re-create it")
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         siblings = sorted(p.name for p in path.parent.iterdir() if p.name.lower().startswith(path.stem.lower()))
         parent = path.parent
