@@ -289,6 +289,13 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 (np.bitwise_count needs numpy >= 2.0)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return np.unpackbits(x.view(np.uint8)).reshape(len(x), 64).sum(axis=1)
+
+
 def find_duplicates(
     items: Sequence[tuple[str, str, int, int]], max_distance: int | None
 ) -> dict[int, tuple[int, str, int]]:
@@ -309,7 +316,7 @@ def find_duplicates(
             dups[i] = (by_key[key], "exact", 0)
             continue
         if max_distance is not None and kept_index:
-            distances = np.bitwise_count(kept_hashes[: len(kept_index)] ^ np.uint64(phash))
+            distances = _popcount(kept_hashes[: len(kept_index)] ^ np.uint64(phash))
             j = int(np.argmin(distances))
             if distances[j] <= max_distance:
                 dups[i] = (kept_index[j], "near", int(distances[j]))
