@@ -18,14 +18,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from finetune.errors import FinetuneError
+from finetune.files import write_atomic
 
 __all__ = [
     "cache_latents",
@@ -102,15 +102,7 @@ def text_file(cache_dir: Path, key: str) -> Path:
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Save ``tensors`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

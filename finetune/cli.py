@@ -286,6 +286,7 @@ def models_export(
     from pathlib import Path
 
     from finetune import lora
+    from finetune.files import write_atomic
 
     out = Path(output)
     if format_ not in ("kohya", "diffusers"):
@@ -301,7 +302,7 @@ def models_export(
     tensors, metadata = lora.load_lora_file(source)
     rank, alpha = lora.lora_file_settings(tensors, metadata)  # also checks the keys are a diffusers LoRA
     if format_ == "diffusers":
-        written = lora.write_bytes_atomic(out, source.read_bytes())
+        written = write_atomic(out, source.read_bytes())
     else:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.errors import FinetuneError
+from finetune.files import sha256_file
 
 __all__ = [
     "Dataset",
@@ -35,7 +36,6 @@ __all__ = [
     "bucket_for",
     "bucket_sizes",
     "epoch_batches",
-    "file_sha256",
     "load_bucket_image",
     "read_dataset",
     "sample_seed",
@@ -70,14 +70,6 @@ class Entry:
 
     item: int
     bucket: tuple[int, int]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fail(path: Path, problems: list[str]) -> FinetuneError:
@@ -123,7 +115,7 @@ def read_dataset(path: str | Path, trigger_word: str) -> Dataset:
                 items.append(item)
     if problems:
         raise _fail(path, problems)
-    return Dataset(path=path, digest=file_sha256(path), items=tuple(items))
+    return Dataset(path=path, digest=sha256_file(path), items=tuple(items))
 
 
 def _read_metadata(zf: zipfile.ZipFile, names: list[str], problems: list[str]) -> dict[str, dict]:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.errors import EXIT_USAGE, FinetuneError
+from finetune.files import write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +48,6 @@ __all__ = [
     "save_kohya",
     "save_lora",
     "set_lora_state",
-    "write_bytes_atomic",
 ]
 
 ADAPTER_NAME = "default"
@@ -339,22 +338,6 @@ def _fixed_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[st
     return len(text).to_bytes(8, "little") + text + raw[8 + n :]
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_lora(
     path: str | Path,
     state_dict: dict[str, torch.Tensor],
@@ -395,7 +378,7 @@ def save_lora(
             },
             sort_keys=True,
         )
-    return write_bytes_atomic(Path(path), _fixed_safetensors_bytes(tensors, metadata))
+    return write_atomic(Path(path), _fixed_safetensors_bytes(tensors, metadata))
 
 
 def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -534,6 +517,4 @@ def save_kohya(
     """Write ``export_kohya(state_dict)`` atomically in the fixed byte form, keeping ``finetune.*`` metadata."""
     kept = {k: v for k, v in (metadata or {}).items() if k.startswith("finetune.")}
     kept.update({"format": "pt", "finetune.format": "kohya"})
-    return write_bytes_atomic(
-        Path(path), _fixed_safetensors_bytes(export_kohya(state_dict, rank=rank, alpha=alpha), kept)
-    )
+    return write_atomic(Path(path), _fixed_safetensors_bytes(export_kohya(state_dict, rank=rank, alpha=alpha), kept))

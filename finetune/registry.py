@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import EXIT_USAGE, FinetuneError
+from finetune.files import sha256_file, write_atomic
 
 __all__ = ["Registry", "RegistryError", "Version", "default_root", "sha256_file"]
 
@@ -45,14 +45,6 @@ class RegistryError(FinetuneError):
 
 def default_root() -> Path:
     return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".finetune").expanduser()
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -77,20 +69,6 @@ class Version:
     @property
     def lineage(self) -> dict:
         return self.info.get("lineage", {})
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _model_card(model: str, version_id: str, lineage: dict) -> str:
@@ -269,7 +247,7 @@ class Registry:
             current = self._load(version.model, version.path)
             info = dict(current.info)
             info["evals"] = [*info.get("evals", []), summary]
-            _atomic_write_text(version.path / "model.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+            write_atomic(version.path / "model.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
         return self._load(version.model, version.path)
 
     def remove(self, ref: str) -> Version:

@@ -35,6 +35,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from finetune.errors import EXIT_FAILURE, EXIT_USAGE, FinetuneError
+from finetune.files import sha256_file
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -234,14 +235,6 @@ def verify_webhook(
     except (ValueError, IndexError):
         return False
     return any(hmac.compare_digest(expected, s.split(",", 1)[1]) for s in sigs.split() if "," in s)
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- the client --------------------------------------------------------------------------------------------------
@@ -483,7 +476,7 @@ class Replicate:
                 status=413,
                 exit_code=EXIT_USAGE,
             )
-        sha256 = sha256 or _sha256_file(path)
+        sha256 = sha256 or sha256_file(path)
         # httpx's write timeout applies per write; allow a slow uplink (256 KiB/s) for the whole file on top.
         timeout = httpx.Timeout(connect=10.0, read=120.0, write=60.0 + size / (256 * 1024), pool=10.0)
         with open(path, "rb") as f:

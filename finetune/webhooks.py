@@ -11,7 +11,6 @@ are kept in ``<runs>/.webhooks.json`` so a restarted receiver still drops replay
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from finetune.files import write_atomic
 from finetune.replicate import verify_webhook
 
 __all__ = ["MAX_BODY_BYTES", "WebhookReceiver"]
@@ -70,10 +70,7 @@ class WebhookReceiver:
     def _save_ledger(self) -> None:
         horizon = time.time() - 2 * self.tolerance  # older ids could only come back with an expired timestamp
         self.seen = {k: v for k, v in self.seen.items() if v >= horizon}
-        self.runs_root.mkdir(parents=True, exist_ok=True)
-        tmp = self._ledger_path.with_name(f"{LEDGER}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"seen": self.seen, "imported": sorted(self.imported)}), encoding="utf-8")
-        os.replace(tmp, self._ledger_path)
+        write_atomic(self._ledger_path, json.dumps({"seen": self.seen, "imported": sorted(self.imported)}))
 
     def run_dir(self, training_id: str) -> Path | None:
         """The run folder whose run state names ``training_id``, or None."""

@@ -12,7 +12,7 @@ MODULES = sorted(
     for p in PACKAGE.rglob("*.py")
     if p.name != "__main__.py"
 )
-BASE = {"finetune.config", "finetune.errors"}  # the bottom layer: imports nothing else from finetune
+BASE = {"finetune.config", "finetune.errors", "finetune.files"}  # the bottom layer: imports nothing else from finetune
 
 
 def layer(module: str) -> str:

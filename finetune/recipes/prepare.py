@@ -12,7 +12,6 @@ The zip contract (DESIGN.md): flat ``<stem>.jpg|png`` + ``<stem>.txt`` + ``metad
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -32,6 +31,7 @@ from typing import Any
 
 from finetune import data
 from finetune.errors import EXIT_FAILURE, EXIT_USAGE, FinetuneError
+from finetune.files import atomic_file, sha256_file, write_atomic
 
 __all__ = ["DEFAULT_NEAR_DUPLICATE_DISTANCE", "REPLICATE_UPLOAD_LIMIT", "PrepareReport", "format_summary", "prepare"]
 
@@ -186,7 +186,7 @@ def prepare(
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    digest = _sha256_file(out)
+    digest = sha256_file(out)
     short_sides = [min(r["orig_width"], r["orig_height"]) for r in rows]
     warnings += _warnings(trigger, rows, short_sides, zip_bytes, max_side)
     report = PrepareReport(
@@ -204,7 +204,7 @@ def prepare(
         options=options,
         zip_bytes=zip_bytes,
     )
-    _write_atomic(report.report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n")
+    write_atomic(report.report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n")
     for w in warnings:
         log.warning(w)
     return report
@@ -318,58 +318,18 @@ def _zip_info(name: str) -> zipfile.ZipInfo:
 
 
 def _write_zip_atomic(out: Path, rows: list[dict[str, Any]], workdir: Path) -> int:
-    """Write the zip contract to a temporary file next to ``out``, then rename; returns the size in bytes."""
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
-                metadata_keys = ("file_name", "text", "width", "height", "sha256", "source")
-                metadata = "".join(
-                    json.dumps({k: r[k] for k in metadata_keys}, ensure_ascii=False) + "\n" for r in rows
-                )
-                entries = {"metadata.jsonl": metadata.encode()}
-                for r in rows:
-                    entries[r["file_name"]] = workdir / r["file_name"]
-                    entries[r["file_name"].rsplit(".", 1)[0] + ".txt"] = r["text"].encode()
-                for name in sorted(entries):
-                    payload = entries[name]
-                    zf.writestr(_zip_info(name), payload.read_bytes() if isinstance(payload, Path) else payload)
-            f.flush()
-            os.fsync(f.fileno())
-        _chmod_default(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Stream the zip contract to a temporary file next to ``out``, then rename; returns the size in bytes."""
+    metadata_keys = ("file_name", "text", "width", "height", "sha256", "source")
+    metadata = "".join(json.dumps({k: r[k] for k in metadata_keys}, ensure_ascii=False) + "\n" for r in rows)
+    entries: dict[str, bytes | Path] = {"metadata.jsonl": metadata.encode()}
+    for r in rows:
+        entries[r["file_name"]] = workdir / r["file_name"]
+        entries[r["file_name"].rsplit(".", 1)[0] + ".txt"] = r["text"].encode()
+    with atomic_file(out) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+        for name in sorted(entries):
+            payload = entries[name]
+            zf.writestr(_zip_info(name), payload.read_bytes() if isinstance(payload, Path) else payload)
     return out.stat().st_size
-
-
-def _chmod_default(path: Path) -> None:
-    """mkstemp files are 0600; give the output the permissions a plain open() would (0666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        _chmod_default(Path(tmp_name))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _histogram(short_sides: list[int]) -> dict[str, int]:

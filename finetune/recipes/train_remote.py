@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.config import Config, config_to_dict
 from finetune.errors import EXIT_FAILURE, EXIT_USAGE, FinetuneError
+from finetune.files import sha256_file, write_atomic
 from finetune.replicate import (
     FAILED_STATUSES,
     MAX_UPLOAD_BYTES,
@@ -95,14 +96,6 @@ def _now_iso() -> str:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _strip_secrets(inputs: dict) -> dict:
@@ -251,11 +244,7 @@ def _read_state(run_dir: Path) -> dict:
 
 
 def _write_state(run_dir: Path, state: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / STATE_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(run_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def find_run_dir(training_id: str, root: Path | None = None) -> Path | None:
@@ -614,7 +603,7 @@ def _dataset(cfg: Config) -> tuple[Path | None, str, str]:
             f"dataset: {path} is {size / 2**20:.1f} MiB but Replicate's Files API takes at most 100 MiB. "
             "Shrink it with `finetune prepare ... --max-side 1024`, or upload it yourself and set dataset: https://..."
         )
-    return path, _sha256_file(path), ""
+    return path, sha256_file(path), ""
 
 
 def train_remote(
