@@ -150,7 +150,7 @@ def test_eval_loads_once_encodes_once_and_reuses_cached_images(world, monkeypatc
 def test_lora_scale_sweep_gives_one_column_per_scale(world, tmp_path):
     v1 = world["versions"][0]
     result = run(world, [v1.ref, "base"], tmp_path / "sweep", prompts=PROMPTS[:1], seeds=(3,), lora_scales=(0.0, 1.0))
-    assert [c["label"] for c in result.doc["columns"]] == [f"{v1.ref} ×0", f"{v1.ref} ×1", "base"]
+    assert [c["label"] for c in result.doc["columns"]] == [f"{v1.ref} scale 0", f"{v1.ref} scale 1", "base"]
     by_column = {
         im["column"]: np.asarray(Image.open(result.out_dir / im["file"])).astype(int) for im in result.doc["images"]
     }

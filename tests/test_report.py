@@ -43,7 +43,7 @@ def _doc(folder):
     (folder / "images").mkdir()
     columns = [
         {"key": "c0", "label": "base", "version": 0, "lora_scale": None},
-        {"key": "c1", "label": "me/tok:abc ×1.0", "version": 1, "lora_scale": 1.0},
+        {"key": "c1", "label": "me/tok:abc scale 1", "version": 1, "lora_scale": 1.0},
     ]
     prompts = [{"template": "a photo of [trigger]", "has_trigger": True}, {"template": "a cat", "has_trigger": False}]
     images = []

@@ -581,7 +581,7 @@ def evaluate(
         identity = f"replicate:{target.replicate_version}" if target.kind == "replicate" else (target.id or "base")
         for scale in scales:
             key = f"c{len(columns)}"
-            label = target.label if scale is None or len(lora_scales) == 1 else f"{target.label} ×{scale:g}"
+            label = target.label if scale is None or len(lora_scales) == 1 else f"{target.label} scale {scale:g}"
             columns.append({"key": key, "label": label, "version": t_index, "lora_scale": scale})
             for p_index, template in enumerate(templates):
                 prompt = TRIGGER_RE.sub(trigger, template)
