@@ -162,6 +162,17 @@ def paired_summary(
 # ---- scorers ----------------------------------------------------------------------------------------------------
 
 
+def _load(loader: Any, name: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` cache-first: a cached hub model loads without touching the network (whose retries
+    take ~30 s when it is unreachable); only an uncached one is fetched."""
+    try:
+        return loader.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError:
+        if Path(name).expanduser().exists():
+            raise
+        return loader.from_pretrained(name, **kwargs)
+
+
 def _features(output: Any) -> torch.Tensor:
     # transformers < 5 returns the projected tensor; 5.x wraps it in an output whose pooler_output holds it.
     return output if hasattr(output, "dim") else output.pooler_output
@@ -176,8 +187,8 @@ class ClipScorer:
 
         self.name = str(name_or_path)
         self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(self.name).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(self.name)
+        self.model = _load(CLIPModel, self.name).to(self.device).eval()
+        self.processor = _load(AutoProcessor, self.name)
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
         import torch
@@ -214,9 +225,9 @@ class DinoScorer:
 
         self.name = str(name_or_path)
         self.device = torch.device(device)
-        self.model = ViTModel.from_pretrained(self.name, add_pooling_layer=False).to(self.device).eval()
+        self.model = _load(ViTModel, self.name, add_pooling_layer=False).to(self.device).eval()
         try:
-            processor = AutoImageProcessor.from_pretrained(self.name)
+            processor = _load(AutoImageProcessor, self.name)
             self.mean = tuple(processor.image_mean)
             self.std = tuple(processor.image_std)
         except (OSError, ValueError, AttributeError, TypeError):
@@ -276,15 +287,16 @@ class Scorers:
             self.notes.append(f"{kind.upper()} metrics skipped: no {kind} model given.")
         else:
             start = time.perf_counter()
+            what = "CLIP-T and CLIP-I" if kind == "clip" else "DINO and diversity"
+            hint = f"Pass a local folder with --{kind}-model, or download it once with network access."
             try:
+                if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+                    raise FileNotFoundError(f"no folder {name}")
                 scorer = (ClipScorer if kind == "clip" else DinoScorer)(name, device=self.device)
             except Exception as e:  # any load failure (offline, not cached, bad files) skips the metric, not the run
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                what = "CLIP-T and CLIP-I" if kind == "clip" else "DINO and diversity"
-                self.notes.append(
-                    f"{what} skipped: could not load {kind} model '{name}' ({type(e).__name__}: {reason[:200]}). "
-                    f"Pass a local folder with --{kind}-model, or download it once with network access."
-                )
+                cause = f"{type(e).__name__}: {reason[:200]}"
+                self.notes.append(f"{what} skipped: could not load {kind} model '{name}' ({cause}). {hint}")
                 log.warning(self.notes[-1])
             self.seconds += time.perf_counter() - start
         self._loaded[kind] = scorer
