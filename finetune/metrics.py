@@ -165,12 +165,20 @@ def paired_summary(
 def _load(loader: Any, name: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` cache-first: a cached hub model loads without touching the network (whose retries
     take ~30 s when it is unreachable); only an uncached one is fetched."""
+    from transformers.utils import logging as hf_logging
+
+    # transformers warns on every processor load that torchvision is absent and it falls back to its PIL backend,
+    # which is the backend we want: keep the console to what the user can act on.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return loader.from_pretrained(name, local_files_only=True, **kwargs)
     except OSError:
         if Path(name).expanduser().exists():
             raise
         return loader.from_pretrained(name, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _features(output: Any) -> torch.Tensor:

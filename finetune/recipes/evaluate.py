@@ -250,14 +250,22 @@ def _sample_local(jobs: list[dict], targets: list[_Target], settings: dict, devi
     counters["pipeline_loads"] += 1
     pipe.set_progress_bar_config(disable=True)
     adapters: dict[int, str] = {}
-    for t in sorted({job["target"] for job in jobs if targets[job["target"]].lora_path is not None}):
-        adapters[t] = f"v{t}"
-        try:
-            pipe.load_lora_weights(str(targets[t].lora_path), adapter_name=adapters[t])
-        except Exception as e:  # diffusers/peft raise ValueError/KeyError/RuntimeError on foreign or mismatched files
-            raise FinetuneError(
-                f"{targets[t].ref}: its LoRA does not fit {settings['base_model']} ({type(e).__name__}: {e})"
-            ) from e
+    from diffusers.utils import logging as diffusers_logging
+
+    # Our LoRAs are transformer-only: diffusers' "no LoRA keys for CLIPTextModel" notice on each load is noise here.
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        for t in sorted({job["target"] for job in jobs if targets[job["target"]].lora_path is not None}):
+            adapters[t] = f"v{t}"
+            try:
+                pipe.load_lora_weights(str(targets[t].lora_path), adapter_name=adapters[t])
+            except Exception as e:  # diffusers/peft raise ValueError/KeyError/RuntimeError on foreign/mismatched files
+                raise FinetuneError(
+                    f"{targets[t].ref}: its LoRA does not fit {settings['base_model']} ({type(e).__name__}: {e})"
+                ) from e
+    finally:
+        diffusers_logging.set_verbosity(level)
 
     # Text encoders are frozen: encode each distinct prompt once, then free them before sampling.
     texts = sorted({job["prompt"] for job in jobs})
