@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_dataset_zip
-from replicate_stub import LORA_MEMBER, TRAINER, TRAINER_VERSIONS, lora_safetensors
+from replicate_stub import LORA_MEMBER, TRAINER, TRAINER_VERSIONS
 
 from finetune.cli import main
 from finetune.config import load_config
 from finetune.errors import FinetuneError
-from finetune.recipes.train_remote import attach, extract_lora, map_inputs, parse_progress, train_remote
+from finetune.recipes.train_remote import attach, map_inputs, train_remote
 from finetune.registry import Registry, sha256_file
 
 
@@ -205,37 +205,6 @@ def test_413_upload_stops_with_the_prepare_option(replicate_stub, tmp_path, caps
     replicate_stub.max_file_bytes = 100
     assert run_cli(["train", str(write_config(tmp_path))]) == 2
     assert "--max-side" in capsys.readouterr().err and not replicate_stub.trainings
-
-
-def test_progress_lines_parse():
-    line = "flux_train_replicate:  12%|█▏        | 120/1000 [01:23<10:12,  1.44s/it, lr: 4.0e-04 loss: 3.2e-01]"
-    assert parse_progress(line) == {"step": 120, "total": 1000, "elapsed": "01:23", "eta": "10:12", "rate": "1.44s/it"}
-    assert parse_progress("Loading Flux model") is None
-
-
-def _tar(tmp_path: Path, members: dict[str, bytes]) -> Path:
-    path = tmp_path / "w.tar"
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def test_extract_lora_is_safe(tmp_path):
-    lora = lora_safetensors(1)
-    ok = _tar(tmp_path, {LORA_MEMBER: lora, "output/flux_train_replicate/config.yaml": b"x"})
-    assert extract_lora(ok, tmp_path / "l.safetensors").read_bytes() == lora
-    with pytest.raises(FinetuneError, match="unsafe"):
-        extract_lora(_tar(tmp_path, {"../../evil.safetensors": lora}), tmp_path / "e.safetensors")
-    with pytest.raises(FinetuneError, match="exactly one"):
-        extract_lora(_tar(tmp_path, {"a.safetensors": lora, "b.safetensors": lora}), tmp_path / "e.safetensors")
-    with pytest.raises(FinetuneError, match="limit"):
-        extract_lora(_tar(tmp_path, {LORA_MEMBER: lora}), tmp_path / "e.safetensors", max_bytes=100)
-    with pytest.raises(FinetuneError, match="not a valid safetensors"):
-        extract_lora(_tar(tmp_path, {LORA_MEMBER: b"\xff" * 64}), tmp_path / "e.safetensors")
-    assert not (tmp_path / "e.safetensors").exists()
 
 
 def test_trainings_list_show_and_cancel_commands(replicate_stub, tmp_path, capsys):

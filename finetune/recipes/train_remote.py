@@ -25,7 +25,6 @@ import json
 import os
 import re
 import sys
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from finetune.replicate import (
     Replicate,
     ReplicateError,
 )
+from finetune.replicate_trainer import SECRET_INPUTS, extract_lora, parse_progress, validate_inputs
 
 if TYPE_CHECKING:
     from finetune.registry import Registry, Version
@@ -50,10 +50,8 @@ __all__ = [
     "POLL_INTERVAL",
     "POLL_MAX_INTERVAL",
     "attach",
-    "extract_lora",
     "find_run_dir",
     "map_inputs",
-    "parse_progress",
     "run_dir_for",
     "train_remote",
 ]
@@ -62,13 +60,10 @@ POLL_INTERVAL = 5.0  # seconds between status requests while processing (≤ 1 r
 POLL_MAX_INTERVAL = 15.0  # seconds; while `starting` (queue/cold boot) the interval backs off up to this
 COLD_BOOT_NOTICE_S = 60.0  # `starting` longer than this is a cold boot: say so once
 LOG_TAIL_LINES = 20  # log lines shown with a failure
-MAX_LORA_BYTES = 2 * 2**30  # a FLUX LoRA at rank 128 in fp16 is ~700 MB; anything larger is not a LoRA
 STATE_FILE = "remote.json"
 RUNS_ROOT = Path("runs")
 DEV_BASE = "black-forest-labs/FLUX.1-dev"
-LORA_MEMBER = "output/flux_train_replicate/lora.safetensors"
 PLACEHOLDER_URL = "https://example.invalid/dataset.zip"  # validates the input before the real URL exists
-SECRET_INPUTS = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY"}
 # Settings with no effect on the result when training remotely: never reported.
 LOCAL_ONLY = {"train.device", "train.cache_dir", "train.output_dir", "train.compile", "backend", "output", "dataset"}
 # Settings the trainer fixes; setting them explicitly to these values is honoured (ai-toolkit train.py, ref. §9.1).
@@ -81,9 +76,6 @@ TRAINER_FIXED = {
     "train.mixed_precision": "bf16",
     "train.dtype": "bfloat16",
 }
-_PROGRESS = re.compile(
-    r"(?P<step>\d+)/(?P<total>\d+)\s*\[(?P<elapsed>[\d:]+)<(?P<eta>[\d:?]+),\s*(?P<rate>[\d.]+\s*(?:s/it|it/s))"
-)
 
 
 def _say(message: str = "") -> None:
@@ -205,23 +197,6 @@ def _secret_values(cfg: Config) -> dict[str, str]:
     return out
 
 
-def _validate_inputs(inputs: dict, schema: dict, trainer_ref: str) -> None:
-    """Check the inputs against the trainer version's TrainingInput schema: unknown keys, types, bounds, enums."""
-    import jsonschema
-
-    props = schema.get("properties") or {}
-    problems = [f"  - {k}: the trainer {trainer_ref} has no such input" for k in sorted(inputs) if k not in props]
-    probe = {k: ("***" if k in SECRET_INPUTS else v) for k, v in inputs.items() if k in props}
-    for err in sorted(jsonschema.Draft7Validator(schema).iter_errors(probe), key=lambda e: list(e.path)):
-        where = ".".join(str(p) for p in err.path) or "(inputs)"
-        problems.append(f"  - {where}: {err.message}")
-    if problems:
-        raise FinetuneError(
-            f"The inputs do not fit {trainer_ref}'s TrainingInput schema:\n" + "\n".join(problems) + "\n"
-            "Fix the config keys that map to these inputs (see `finetune config show`)."
-        )
-
-
 # ---- run folder and state ------------------------------------------------------------------------------------------
 
 
@@ -262,20 +237,6 @@ def find_run_dir(training_id: str, root: Path | None = None) -> Path | None:
 
 
 # ---- following -------------------------------------------------------------------------------------------------
-
-
-def parse_progress(line: str) -> dict | None:
-    """``{"step", "total", "elapsed", "eta", "rate"}`` from an ai-toolkit/tqdm progress line, else None."""
-    m = _PROGRESS.search(line)
-    if not m:
-        return None
-    return {
-        "step": int(m["step"]),
-        "total": int(m["total"]),
-        "elapsed": m["elapsed"],
-        "eta": m["eta"],
-        "rate": m["rate"].replace(" ", ""),
-    }
 
 
 class _Display:
@@ -368,65 +329,6 @@ def _log_tail(training: dict, n: int = LOG_TAIL_LINES) -> str:
 
 
 # ---- import ------------------------------------------------------------------------------------------------------
-
-
-def extract_lora(tar_path: Path, dest: Path, max_bytes: int = MAX_LORA_BYTES) -> Path:
-    """Extract the single ``*.safetensors`` of a trainer's weights tar to ``dest`` (atomically) and return it.
-
-    Safe by construction: nothing is extracted by its member name (so ``..``/absolute names cannot escape), only
-    regular files are considered, the size is bounded, and the result must parse as a safetensors file. The rule
-    (exactly one ``.safetensors``, preferring ``output/flux_train_replicate/lora.safetensors``) is Replicate's own
-    ``weights.py`` (reference §9.3).
-    """
-    try:
-        tar = tarfile.open(tar_path, mode="r:*")
-    except (tarfile.TarError, OSError) as e:
-        raise FinetuneError(f"{tar_path} is not a readable tar ({e}).", EXIT_FAILURE) from None
-    with tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".safetensors")]
-        exact = [m for m in members if m.name == LORA_MEMBER]
-        if exact:
-            members = exact
-        if len(members) != 1:
-            names = ", ".join(m.name for m in members) or "none"
-            raise FinetuneError(
-                f"{tar_path}: expected exactly one .safetensors file in the weights tar, found {names}.", EXIT_FAILURE
-            )
-        member = members[0]
-        parts = Path(member.name).parts
-        if member.name.startswith("/") or ".." in parts:
-            raise FinetuneError(f"{tar_path}: unsafe member path {member.name!r}; refusing it.", EXIT_FAILURE)
-        if member.size > max_bytes:
-            raise FinetuneError(f"{tar_path}: {member.name} is {member.size} bytes (limit {max_bytes}).", EXIT_FAILURE)
-        src = tar.extractfile(member)
-        tmp = dest.with_name(f".{dest.name}.part")
-        written = 0
-        with src, open(tmp, "wb") as out:
-            while block := src.read(1 << 20):
-                written += len(block)
-                if written > max_bytes:
-                    raise FinetuneError(f"{tar_path}: {member.name} exceeds {max_bytes} bytes.", EXIT_FAILURE)
-                out.write(block)
-    _check_safetensors(tmp)
-    os.replace(tmp, dest)
-    return dest
-
-
-def _check_safetensors(path: Path) -> None:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        ok = 0 < n <= size - 8
-        try:
-            header = json.loads(f.read(n)) if ok else None
-        except ValueError:
-            header = None
-    if not isinstance(header, dict) or not any(k.endswith(".weight") for k in header):
-        path.unlink(missing_ok=True)
-        raise FinetuneError(
-            f"The LoRA in the weights tar is not a valid safetensors file ({size} bytes).", EXIT_FAILURE
-        )
 
 
 def _import(
@@ -676,7 +578,7 @@ def train_remote(
         )
     for k in missing:
         inputs.pop(k)
-    _validate_inputs(
+    validate_inputs(
         {**inputs, "input_images": data_url or PLACEHOLDER_URL, **secrets}, schema, f"{trainer}:{trainer_version[:12]}"
     )
     inputs_digest = _digest(inputs)
