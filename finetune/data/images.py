@@ -163,9 +163,11 @@ def _normalize(source: str, data: bytes, opts: NormalizeOptions) -> ImageResult:
     scale = min(1.0, opts.max_side / max(w, h))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if size != im.size:
-        # Bicubic is Pillow's antialiasing convolution, as in thumbnail(); after a JPEG draft (a 1/2..1/8 DCT-domain
-        # downscale) Lanczos costs 1.5x as much for a barely visible gain and was half of the per-image time.
-        im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        # After a JPEG draft (a 1/2..1/8 DCT-domain downscale) what is left is a reduction below 2x, where Pillow's
+        # antialiased bilinear filter is what diffusers' FLUX training script resizes with (torchvision's default);
+        # bicubic cost 1.3x and Lanczos 2x as much, for the largest share of the per-image time. The trainer resamples
+        # to its bucket with Lanczos anyway.
+        im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     if orientation in _EXIF_TRANSPOSE:
         im = im.transpose(_EXIF_TRANSPOSE[orientation])
         flags.append(f"EXIF orientation {orientation} applied")
@@ -276,9 +278,10 @@ def perceptual_hash(im: Image.Image) -> int:
 
     Same algorithm as ``imagehash.phash`` (J. Buchner), after Zauner 2010, "Implementation and Benchmarking of
     Perceptual Image Hash Functions". The unnormalized DCT-II here differs from scipy's only by a constant factor,
-    which the median threshold ignores.
+    which the median threshold ignores. The 32x32 thumbnail is box-reduced first (``reducing_gap``), which is 3x
+    cheaper than Lanczos over the whole image and can move a bit or two against imagehash.
     """
-    grey = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    grey = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=4.0), dtype=np.float64)
     low = (_DCT32 @ grey @ _DCT32.T)[:8, :8]
     bits = (low > np.median(low)).flatten()
     return int("".join("1" if b else "0" for b in bits), 2)
