@@ -2,7 +2,8 @@
 
 Its inputs are checked against the trainer version's ``TrainingInput`` schema before anything is uploaded; its log
 lines carry ai-toolkit/tqdm progress; its result is a weights tar holding one ``lora.safetensors``
-(reference/replicate-api.md §9).
+(reference/replicate-api.md §9). A remote run's folder holds ``remote.json`` naming its training, which is how a
+training id finds its run (the remote recipe and the webhook receiver both look it up).
 """
 
 from __future__ import annotations
@@ -16,11 +17,23 @@ from typing import IO
 from finetune.errors import EXIT_FAILURE, FinetuneError
 from finetune.files import atomic_file
 
-__all__ = ["LORA_MEMBER", "MAX_LORA_BYTES", "SECRET_INPUTS", "extract_lora", "parse_progress", "validate_inputs"]
+__all__ = [
+    "LORA_MEMBER",
+    "MAX_LORA_BYTES",
+    "RUNS_ROOT",
+    "SECRET_INPUTS",
+    "STATE_FILE",
+    "extract_lora",
+    "find_run_dir",
+    "parse_progress",
+    "validate_inputs",
+]
 
 MAX_LORA_BYTES = 2 * 2**30  # a FLUX LoRA at rank 128 in fp16 is ~700 MB; anything larger is not a LoRA
 LORA_MEMBER = "output/flux_train_replicate/lora.safetensors"
 SECRET_INPUTS = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY"}
+STATE_FILE = "remote.json"  # a remote run's state in its run folder (recipes/train_remote.py)
+RUNS_ROOT = Path("runs")
 _PROGRESS = re.compile(
     r"(?P<step>\d+)/(?P<total>\d+)\s*\[(?P<elapsed>[\d:]+)<(?P<eta>[\d:?]+),\s*(?P<rate>[\d.]+\s*(?:s/it|it/s))"
 )
@@ -115,3 +128,17 @@ def _safetensors_head(src: IO[bytes], size: int) -> bytes:
             f"The LoRA in the weights tar is not a valid safetensors file ({size} bytes).", EXIT_FAILURE
         )
     return head
+
+
+def find_run_dir(training_id: str, root: Path | None = None) -> Path | None:
+    """The run folder whose state names ``training_id`` (searched under ``runs/``), or None."""
+    root = root or RUNS_ROOT
+    if not root.is_dir():
+        return None
+    for path in sorted(root.glob(f"*/{STATE_FILE}")):
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("training_id") == training_id:
+                return path.parent
+        except (OSError, ValueError):
+            continue
+    return None

@@ -20,12 +20,12 @@ from typing import Any
 
 from finetune.files import write_atomic
 from finetune.replicate import verify_webhook
+from finetune.replicate_trainer import find_run_dir
 
 __all__ = ["MAX_BODY_BYTES", "WebhookReceiver"]
 
 MAX_BODY_BYTES = 16 * 2**20  # a training object with long logs is well under this
 LEDGER = ".webhooks.json"
-STATE_FILE = "remote.json"
 
 
 class WebhookReceiver:
@@ -72,16 +72,6 @@ class WebhookReceiver:
         self.seen = {k: v for k, v in self.seen.items() if v >= horizon}
         write_atomic(self._ledger_path, json.dumps({"seen": self.seen, "imported": sorted(self.imported)}))
 
-    def run_dir(self, training_id: str) -> Path | None:
-        """The run folder whose run state names ``training_id``, or None."""
-        for path in sorted(self.runs_root.glob(f"*/{STATE_FILE}")):
-            try:
-                if json.loads(path.read_text(encoding="utf-8")).get("training_id") == training_id:
-                    return path.parent
-            except (OSError, ValueError):
-                continue
-        return None
-
     # -- handling ---------------------------------------------------------------------------------------------------
 
     def handle(self, headers: dict[str, str], body: bytes) -> tuple[int, dict]:
@@ -124,7 +114,7 @@ class WebhookReceiver:
             "metrics": event.get("metrics"),
             "last_log_line": logs[-1] if logs else None,
         }
-        run_dir = self.run_dir(tid)
+        run_dir = find_run_dir(tid, self.runs_root)
         path = run_dir / "events.jsonl" if run_dir else self.runs_root / "webhooks-unmatched.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, open(path, "a", encoding="utf-8") as f:

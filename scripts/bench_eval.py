@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from finetune import flux, lora, metrics
+from finetune.files import sha256_file
 from finetune.recipes.evaluate import evaluate
-from finetune.registry import Registry, sha256_file
+from finetune.registry import Registry
 
 PROMPTS = [
     "a photo of [trigger]",

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.registry import Registry, RegistryError, sha256_file
+from finetune.files import sha256_file
+from finetune.registry import Registry, RegistryError
 
 
 def make_lora(path: Path, payload: bytes) -> Path:

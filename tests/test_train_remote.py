@@ -16,8 +16,9 @@ from replicate_stub import LORA_MEMBER, TRAINER, TRAINER_VERSIONS
 from finetune.cli import main
 from finetune.config import load_config
 from finetune.errors import FinetuneError
+from finetune.files import sha256_file
 from finetune.recipes.train_remote import attach, map_inputs, train_remote
-from finetune.registry import Registry, sha256_file
+from finetune.registry import Registry
 
 
 def write_config(tmp_path: Path, **extra) -> Path:

@@ -27,7 +27,8 @@ from typing import Any
 
 from finetune import flux, metrics, report
 from finetune.errors import EXIT_FAILURE, FinetuneError
-from finetune.registry import Registry, RegistryError, sha256_file
+from finetune.files import sha256_file
+from finetune.registry import Registry, RegistryError
 
 __all__ = ["DEFAULT_PROMPTS", "EvalResult", "evaluate", "parse_size", "read_prompt_file"]
 

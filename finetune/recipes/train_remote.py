@@ -41,7 +41,15 @@ from finetune.replicate import (
     Replicate,
     ReplicateError,
 )
-from finetune.replicate_trainer import SECRET_INPUTS, extract_lora, parse_progress, validate_inputs
+from finetune.replicate_trainer import (
+    RUNS_ROOT,
+    SECRET_INPUTS,
+    STATE_FILE,
+    extract_lora,
+    find_run_dir,
+    parse_progress,
+    validate_inputs,
+)
 
 if TYPE_CHECKING:
     from finetune.registry import Registry, Version
@@ -60,8 +68,6 @@ POLL_INTERVAL = 5.0  # seconds between status requests while processing (≤ 1 r
 POLL_MAX_INTERVAL = 15.0  # seconds; while `starting` (queue/cold boot) the interval backs off up to this
 COLD_BOOT_NOTICE_S = 60.0  # `starting` longer than this is a cold boot: say so once
 LOG_TAIL_LINES = 20  # log lines shown with a failure
-STATE_FILE = "remote.json"
-RUNS_ROOT = Path("runs")
 DEV_BASE = "black-forest-labs/FLUX.1-dev"
 PLACEHOLDER_URL = "https://example.invalid/dataset.zip"  # validates the input before the real URL exists
 # Settings with no effect on the result when training remotely: never reported.
@@ -220,20 +226,6 @@ def _read_state(run_dir: Path) -> dict:
 
 def _write_state(run_dir: Path, state: dict) -> None:
     write_atomic(run_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def find_run_dir(training_id: str, root: Path | None = None) -> Path | None:
-    """The run folder whose state names ``training_id`` (searched under ``runs/``), or None."""
-    root = root or RUNS_ROOT
-    if not root.is_dir():
-        return None
-    for path in sorted(root.glob(f"*/{STATE_FILE}")):
-        try:
-            if json.loads(path.read_text(encoding="utf-8")).get("training_id") == training_id:
-                return path.parent
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 # ---- following -------------------------------------------------------------------------------------------------
