@@ -29,7 +29,7 @@ from pathlib import Path
 from finetune.errors import EXIT_USAGE, FinetuneError
 from finetune.files import sha256_file, write_atomic
 
-__all__ = ["Registry", "RegistryError", "Version", "default_root", "sha256_file"]
+__all__ = ["Registry", "RegistryError", "Version", "default_root"]
 
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SHORT_ID = 12

@@ -13,9 +13,10 @@ from PIL import Image
 from finetune import lora
 from finetune.cli import main
 from finetune.errors import FinetuneError
+from finetune.files import sha256_file
 from finetune.flux import build_preset
 from finetune.recipes.evaluate import evaluate, parse_size, read_prompt_file
-from finetune.registry import Registry, sha256_file
+from finetune.registry import Registry
 
 PROMPTS = ["a photo of [trigger]", "a photo of a cat"]
 FAST = dict(seeds=(1, 2), steps=1, size=32, progress=False)  # preset:tiny at 32 px: 4 image tokens

@@ -114,7 +114,8 @@ def _outputs(nb: nbformat.NotebookNode) -> tuple[str, set[str]]:
 
 @pytest.mark.slow
 def test_quickstart_notebook_runs_end_to_end(tmp_path: Path, kernel_env: dict, tiny_scorer_dirs) -> None:
-    from finetune.registry import Registry, sha256_file
+    from finetune.files import sha256_file
+    from finetune.registry import Registry
 
     clip_dir, dino_dir = tiny_scorer_dirs
     work = tmp_path / "work"
