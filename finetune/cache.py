@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from finetune.errors import FinetuneError
-from finetune.files import write_atomic
+from finetune.files import finetune_home, write_atomic
 
 __all__ = [
     "cache_latents",
@@ -47,8 +46,7 @@ SPACE_MARGIN = 1.1  # ask for 10% more than the estimate: file headers and files
 
 
 def default_cache_dir() -> Path:
-    home = os.environ.get("FINETUNE_HOME") or Path.home() / ".finetune"
-    return Path(home) / "cache"
+    return finetune_home() / "cache"
 
 
 def source_identity(base_model: str, parts: Sequence[str]) -> str:

@@ -14,7 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_file", "sha256_file", "write_atomic"]
+__all__ = ["atomic_file", "finetune_home", "sha256_file", "write_atomic"]
+
+
+def finetune_home() -> Path:
+    """Where finetune keeps its registry and caches: ``$FINETUNE_HOME``, default ``~/.finetune``."""
+    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".finetune").expanduser()
 
 
 def _default_mode() -> int:

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import EXIT_USAGE, FinetuneError
-from finetune.files import sha256_file, write_atomic
+from finetune.files import finetune_home, sha256_file, write_atomic
 
-__all__ = ["Registry", "RegistryError", "Version", "default_root"]
+__all__ = ["Registry", "RegistryError", "Version"]
 
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SHORT_ID = 12
@@ -41,10 +41,6 @@ class RegistryError(FinetuneError):
 
     def __init__(self, message: str):
         super().__init__(message, EXIT_USAGE)
-
-
-def default_root() -> Path:
-    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".finetune").expanduser()
 
 
 @dataclass(frozen=True)
@@ -109,7 +105,7 @@ class Registry:
     """Versioned LoRA store. ``Registry().add_version(...)`` is safe to call from several processes at once."""
 
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.root = Path(root).expanduser() if root is not None else finetune_home()
 
     # ---- paths and locking -----------------------------------------------------------------------------------
 
