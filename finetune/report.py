@@ -20,37 +20,20 @@ Document layout (``schema`` = ``finetune.eval/1``)::
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA", "best_values", "render_grid", "render_html", "write_atomic", "write_report"]
+from finetune.files import write_atomic
+
+__all__ = ["SCHEMA", "best_values", "render_grid", "render_html", "write_report"]
 
 SCHEMA = "finetune.eval/1"
 GRID_CELL_PX = 320  # longest side of one image in grid.png
 THUMB_PX = 256  # longest side of a thumbnail in index.html
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def best_values(doc: dict) -> dict[str, float]:

@@ -27,7 +27,7 @@ from typing import Any
 
 from finetune import flux, metrics, report
 from finetune.errors import EXIT_FAILURE, FinetuneError
-from finetune.files import sha256_file
+from finetune.files import sha256_file, write_atomic
 from finetune.registry import Registry, RegistryError
 
 __all__ = ["DEFAULT_PROMPTS", "EvalResult", "evaluate", "parse_size", "read_prompt_file"]
@@ -239,7 +239,7 @@ def _save_png(image: Any, path: Path) -> None:
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    report.write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def _sample_local(jobs: list[dict], targets: list[_Target], settings: dict, device: Any, dtype: Any, bar: Any) -> dict:
