@@ -35,7 +35,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from finetune.errors import EXIT_FAILURE, EXIT_USAGE, FinetuneError
-from finetune.files import sha256_file
+from finetune.files import atomic_file, sha256_file, write_atomic
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -611,14 +611,9 @@ class Replicate:
         (:meth:`is_trusted`), re-checked on every redirect hop. More than ``max_bytes`` aborts the download.
         """
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part")
         if url.startswith("data:"):
             header, _, payload = url.partition(",")
-            data = base64.b64decode(payload) if header.endswith(";base64") else payload.encode()
-            tmp.write_bytes(data)
-            os.replace(tmp, dest)
-            return dest
+            return write_atomic(dest, base64.b64decode(payload) if header.endswith(";base64") else payload.encode())
         timeout = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=10.0)
         for _ in range(max_redirects + 1):
             attempt = 0
@@ -637,7 +632,7 @@ class Replicate:
                             resp.read()
                             raise _error_from_response(resp, self._token)
                         written = 0
-                        with open(tmp, "wb") as f:
+                        with atomic_file(dest) as f:  # an aborted download leaves nothing at dest
                             for chunk in resp.iter_bytes(1 << 20):
                                 written += len(chunk)
                                 if written > max_bytes:
@@ -646,7 +641,6 @@ class Replicate:
                                         exit_code=EXIT_FAILURE,
                                     )
                                 f.write(chunk)
-                        os.replace(tmp, dest)
                         return dest
                 except httpx.TransportError as e:
                     if attempt >= self.max_retries:
@@ -656,6 +650,4 @@ class Replicate:
                         ) from None
                     self._sleep(backoff_delay(attempt, self.retry_base, 30, self._rng))
                     attempt += 1
-                finally:
-                    tmp.unlink(missing_ok=True)
         raise ReplicateError(f"Download of {url} redirected more than {max_redirects} times.", exit_code=EXIT_FAILURE)
