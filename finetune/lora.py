@@ -161,14 +161,19 @@ def add_lora(
     targets: str | list[str],
     dropout: float = 0.0,
     seed: int | None = None,
+    fused: bool = True,
 ) -> list[str]:
     """Inject a peft LoRA (adapter ``"default"``) into ``transformer``, freeze everything else, return the modules.
+
+    ``fused`` makes each wrapped Linear a ``fused_lora.FusedLoraLinear`` (peft's layer with a one-node forward and
+    backward); ``False`` keeps peft's own layer class. Either way the parameters, names and files are peft's.
 
     With ``seed`` the LoRA init (peft's default: kaiming-uniform A, zero B) is drawn from a forked CPU RNG seeded
     with it, so it is the same on every device and leaves the global RNG untouched.
     """
     import torch
     from peft import LoraConfig as PeftLoraConfig
+    from torch import nn
 
     if not 1 <= int(rank) <= 256:
         raise FinetuneError(f"lora.rank: {rank} is out of range; use 1 to 256 (16 is the default)", EXIT_USAGE)
@@ -186,6 +191,10 @@ def add_lora(
         target_modules=_exact_pattern(modules),
         init_lora_weights=True,
     )
+    if fused:
+        from finetune.fused_lora import FusedLoraLinear
+
+        config._register_custom_module({nn.Linear: FusedLoraLinear})  # peft's extension point for layer classes
     transformer.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:

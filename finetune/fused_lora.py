@@ -1,0 +1,100 @@
+"""A peft LoRA Linear whose training step is one autograd node: fewer kernels, no per-op autograd bookkeeping.
+
+peft's ``lora.Linear.forward`` computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` as five ops and five
+autograd nodes per module (plus the input cast and the output add's gradient accumulation). ``FusedLoraLinear`` is
+that class with a forward that, when it can, runs the same math as ``lora_linear``: two GEMMs and two small ones
+forward, five backward, and no gradient for the frozen base weight. Everything else (adapter bookkeeping, merge,
+state-dict names, loading) is peft's, so checkpoints and files are unchanged. It falls back to peft's forward for
+what it does not cover: several or no active adapters, dropout in training, merged or disabled adapters, LoRA
+variants (DoRA), a trainable base layer, and mixed dtypes outside autocast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+__all__ = ["FusedLoraLinear", "lora_linear"]
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b + s · (x Aᵀ) Bᵀ`` with hand-written gradients (LoRA, Hu et al. 2021, eq. 3).
+
+    With ``g = ∂L/∂y`` and ``u = s · g B``: ``∂L/∂x = g W + u A``, ``∂L/∂A = uᵀ x``, ``∂L/∂B = s · gᵀ (x Aᵀ)``.
+    W and b are frozen, so their gradients are never computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        scaled_h = torch.mm(x2, lora_a.t()).mul_(scale)  # [N, r]: s · x Aᵀ, kept for ∂L/∂B
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        y.addmm_(scaled_h, lora_b.t())
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, scaled_h)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, lora_a, lora_b, scaled_h = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        u = torch.mm(g, lora_b).mul_(ctx.scale)  # [N, r]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight).addmm_(u, lora_a).view(ctx.x_shape)
+        grad_a = torch.mm(u.t(), x2) if ctx.needs_input_grad[3] else None
+        grad_b = torch.mm(g.t(), scaled_h) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``x Wᵀ + b + scale · (x Aᵀ) Bᵀ`` for a frozen ``weight``/``bias`` [out, in] and LoRA ``lora_a`` [r, in],
+    ``lora_b`` [out, r]; one autograd node. All tensors share one dtype."""
+    return _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scale)
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """peft's LoRA Linear, with ``lora_linear`` as its forward where that is the same math."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter = self._fused_adapter(x, args, kwargs)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        tensors = [x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight]
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return lora_linear(*tensors, self.scaling[adapter])
+        # What autocast does to F.linear, done once for the whole op; gradients flow back to the fp32 LoRA weights.
+        dtype = torch.get_autocast_dtype(device)
+        tensors = [None if t is None else t.to(dtype) for t in tensors]
+        with torch.autocast(device, enabled=False):
+            return lora_linear(*tensors, self.scaling[adapter])
+
+    def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The one active adapter when the fused path computes what peft's forward would, else None."""
+        if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+            return None
+        adapter = self.active_adapters[0]
+        base = self.get_base_layer()
+        if (
+            adapter not in self.lora_A
+            or adapter in self.lora_variant
+            or type(base) is not torch.nn.Linear
+            or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)
+            or (self.training and isinstance(self.lora_dropout[adapter], torch.nn.Dropout))
+        ):
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return adapter
+        return adapter if x.dtype == base.weight.dtype == self.lora_A[adapter].weight.dtype else None
