@@ -134,9 +134,11 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     scheduler = optim.build_lr_scheduler(
         optimizer, cfg.train.lr_scheduler, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.steps
     )
+    if cfg.train.compile:  # regional: each block class compiles once and serves all its blocks (diffusers);
+        # several bucket shapes: compile for a dynamic sequence length at once instead of static, then again
+        dynamic = len({entry.bucket for entry in entries}) > 1 or None
+        transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic)
     model, optimizer = accelerator.prepare(transformer, optimizer)
-    if cfg.train.compile:
-        model = torch.compile(model)
     start = 0
     torch.manual_seed(cfg.train.seed)  # LoRA dropout is the only user of the global RNG
     if state is not None:
@@ -458,6 +460,7 @@ def _sampling(cfg, c, transformer, text, prompts, run_dir) -> dict | None:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # a few eval shapes are not worth compiling (no-op when not compiled)
 def _evaluate(cfg, step, transformer, val, guidance, sampling, run_dir, main) -> None:
     """Fixed-σ validation loss and sample images (main process; the bare model, so no collective is needed)."""
     if not main:
