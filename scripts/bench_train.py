@@ -1,20 +1,23 @@
 """Benchmark the local trainer on preset:small against a naive loop, the eager transformer step and the compute floor.
 
-    python scripts/bench_train.py                    # 256 and 512 px, 2 threads
-    python scripts/bench_train.py --px 256 --steps 40
+    python scripts/bench_train.py                    # 256 and 512 px, 2 threads, 3 rounds
+    python scripts/bench_train.py --px 256 --steps 40 --rounds 1
 
-For each resolution, in fresh subprocesses (so peak RSS is per measurement), with 8 generated images, batch 1,
-LoRA rank 16, T5 max_sequence_length 64:
+For each resolution, in fresh subprocesses (so peak RSS is per measurement), with 8 generated images (three aspect
+buckets), batch 1, LoRA rank 16 on every block Linear, T5 max_sequence_length 64:
 
-- ``trainer``: ``finetune.train`` itself (cache warm, no samples); median s/step of its logged intervals after the
-  first (warm-up);
+- ``trainer``: ``finetune.train`` itself with the default config (cache warm, no samples); median s/step of its
+  logged intervals after the first (warm-up);
+- ``compiled``: the same with ``train.compile=true``; the first interval's extra time is reported as compile time;
 - ``naive``: what trainers without caching do: every step encodes the image with the VAE and the caption with CLIP
-  and T5, then the transformer step;
-- ``eager``: the transformer forward + backward + AdamW step alone, inputs ready in memory;
-- ``floor``: the step's FLOPs (counted from the op shapes by ``torch.utils.flop_counter``) divided by the matmul
-  rate measured here on this step's largest matmul shape.
+  and T5, then the eager step below;
+- ``eager``: the transformer forward + backward + fused AdamW step alone in eager PyTorch with peft's own LoRA layer,
+  inputs ready in memory;
+- ``floor``: the trainer's step FLOPs (matmuls and attention, counted from the op shapes by
+  ``torch.utils.flop_counter``) divided by the matmul rate measured here on this step's widest GEMM.
 
-Prints a table and the ratios, and writes the figures as JSON with ``--json PATH``.
+This VM's speed drifts by 10-30 % over minutes, so the kinds run in ``--rounds`` rounds, each in a rotated order,
+and every figure is the median over rounds. Prints a table and the ratios; ``--json PATH`` writes the figures.
 """
 
 from __future__ import annotations
@@ -71,25 +74,30 @@ def _config(dataset: Path, px: int, steps: int, out: Path):
     )
 
 
-def _trainer(px: int, steps: int, work: Path) -> dict:
-    from finetune.recipes.train_local import train
+def _trainer(px: int, steps: int, work: Path, compile: bool = False) -> dict:
+    from dataclasses import replace
+
+    from finetune.recipes.train_local import LOG_EVERY, train
 
     data = _dataset(work, px)
     train(_config(data, px, 2, work / "warm"))  # fills the cache: the measured run is a second run, as in practice
-    version = train(_config(data, px, steps, work / "run"))
+    cfg = _config(data, px, steps, work / "run")
+    version = train(replace(cfg, train=replace(cfg.train, compile=compile)))
     rows = [json.loads(x) for x in (Path(version.lineage["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     intervals = list(dict.fromkeys(r["s_per_it"] for r in rows if "s_per_it" in r))  # one value per interval
-    return {"s_per_step": statistics.median(intervals[1:] or intervals), "intervals": intervals}
+    median = statistics.median(intervals[1:] or intervals)
+    return {"s_per_step": median, "intervals": intervals, "warmup_s": (intervals[0] - median) * LOG_EVERY}
 
 
-def _setup(px: int):
-    """preset:small with a rank-16 LoRA, its optimizer, and one bucket's inputs (the trainer's shapes)."""
+def _setup(px: int, fused: bool = False):
+    """preset:small with a rank-16 LoRA (peft's layer, or the trainer's fused one), its optimizer, and one bucket's
+    inputs (the trainer's shapes)."""
     import torch
 
     from finetune import flow, flux, lora
 
     c = flux.build_preset("small")
-    lora.add_lora(c.transformer, rank=RANK, alpha=RANK, targets="all-linear", seed=0)
+    lora.add_lora(c.transformer, rank=RANK, alpha=RANK, targets="all-linear", seed=0, fused=fused)
     c.transformer.train()
     params = lora.lora_parameters(c.transformer)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -158,13 +166,27 @@ def _naive(px: int, steps: int, work: Path) -> dict:
     return {"s_per_step": statistics.median(_timed(step, steps))}
 
 
+def _cpu_attention_flops() -> dict:
+    """FLOP formulas for the CPU flash-attention kernels, which torch's counter leaves uncounted (zero FLOPs)."""
+    import torch
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, **kw: (
+            sdpa_backward_flop_count(g, q, k, v)
+        ),
+    }
+
+
 def _floor(px: int, steps: int) -> dict:
     """FLOPs of one step from op shapes, over the matmul rate of this machine measured on the step's biggest GEMM."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    args = _setup(px)
-    counter = FlopCounterMode(display=False)
+    args = _setup(px, fused=True)  # the trainer's own step: its FLOPs are the work that cannot be skipped
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
     with counter:
         _transformer_step(*args)
     flops = counter.get_total_flops()
@@ -185,6 +207,7 @@ def _child(kind: str, px: int, steps: int, threads: int) -> None:
         work = Path(tmp)
         result = {
             "trainer": lambda: _trainer(px, steps, work),
+            "compiled": lambda: _trainer(px, steps, work, compile=True),
             "naive": lambda: _naive(px, steps, work),
             "eager": lambda: _eager(px, steps),
             "floor": lambda: _floor(px, steps),
@@ -193,10 +216,24 @@ def _child(kind: str, px: int, steps: int, threads: int) -> None:
     print("RESULT " + json.dumps(result))
 
 
+KINDS = ("trainer", "compiled", "naive", "eager", "floor")
+
+
+def _run_child(kind: str, px: int, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, __file__, "--child", kind, str(px), "--steps", str(args.steps)]
+    out = subprocess.run(cmd + ["--threads", str(args.threads)], capture_output=True, text=True, env=env)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not lines:
+        sys.exit(f"{kind} at {px} px failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--px", type=int, nargs="*", default=[256, 512])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -205,24 +242,33 @@ def main() -> None:
         _child(args.child[0], int(args.child[1]), args.steps, args.threads)
         return
     figures = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     for px in args.px:
-        row = {}
-        for kind in ("trainer", "naive", "eager", "floor"):
-            cmd = [sys.executable, __file__, "--child", kind, str(px), "--steps", str(args.steps)]
-            cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not lines:
-                sys.exit(f"{kind} at {px} px failed:\n{out.stderr[-3000:]}")
-            row[kind] = json.loads(lines[-1][len("RESULT ") :])
+        runs = {kind: [] for kind in KINDS}
+        for r in range(args.rounds):
+            for kind in KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]:  # rotated, so no kind always runs first
+                runs[kind].append(_run_child(kind, px, args))
+        row = {
+            kind: {
+                "s_per_step": statistics.median(x["s_per_step"] for x in rs),
+                "rounds": [x["s_per_step"] for x in rs],
+                "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+                **({"warmup_s": statistics.median(x["warmup_s"] for x in rs)} if "warmup_s" in rs[0] else {}),
+            }
+            for kind, rs in runs.items()
+        }
         figures[px] = row
-        t, e, f, n = (row[k]["s_per_step"] for k in ("trainer", "eager", "floor", "naive"))
-        print(f"\npreset:small {px} px, batch 1, rank {RANK}, T5 {SEQ} tokens, {args.threads} threads")
-        print(f"  {'':8} {'s/step':>8} {'peak RSS MB':>12}")
-        for kind in ("trainer", "naive", "eager", "floor"):
-            print(f"  {kind:8} {row[kind]['s_per_step']:8.4f} {row[kind]['peak_rss_mb']:12.0f}")
-        print(f"  trainer/eager {t / e:.2f}  trainer/floor {t / f:.2f}  naive/trainer {n / t:.2f}")
+        t, c, n, e, f = (row[k]["s_per_step"] for k in KINDS)
+        print(
+            f"\npreset:small {px} px, batch 1, rank {RANK}, T5 {SEQ} tokens, {args.threads} threads, "
+            f"median of {args.rounds} rounds"
+        )
+        print(f"  {'':9} {'s/step':>8} {'rounds':>26} {'peak RSS MB':>12}")
+        for kind in KINDS:
+            spread = " ".join(f"{x:.3f}" for x in row[kind]["rounds"])
+            print(f"  {kind:9} {row[kind]['s_per_step']:8.4f} {spread:>26} {row[kind]['peak_rss_mb']:12.0f}")
+        print(f"  compile warm-up {row['compiled']['warmup_s']:.0f} s")
+        print(f"  trainer/eager {t / e:.2f}  compiled/eager {c / e:.2f}  naive/trainer {n / t:.2f}")
+        print(f"  trainer/floor {t / f:.2f}  compiled/floor {c / f:.2f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
