@@ -1,11 +1,14 @@
 """One GPU check in one call: preset:small on CUDA in bf16, timed and summarised as JSON.
 
 Measures, each section independent (an error is recorded, the others still run):
-  build     building preset:small on the GPU;
-  eager     the transformer-only LoRA step (forward + backward + fused AdamW, rank 16, all-linear) at 256/512 px;
-  sampling  ``flux.sample_images`` for 4 seeds of one prompt in one batch, 8 steps, at 256/512 px;
-  trainer   the real ``finetune.recipes.train_local.train`` at 256/512 px on 8 generated images (median s/step
-            after the first log interval, from the run's metrics.jsonl), when that module imports.
+  build       building preset:small on the GPU;
+  eager       the transformer-only LoRA step (forward + backward + fused AdamW, rank 16, all-linear) at 256/512 px,
+              with peft's layer, the fused layer, and the fused layer with regional torch.compile (``warmup_s``
+              holds the compile);
+  sampling    ``flux.sample_images`` for 4 seeds of one prompt in one batch, 8 steps, at 256/512 px;
+  dev_blocks  the same three steps on FLUX.1-dev's dimensions (1 double + 2 single blocks) at 1024 px;
+  trainer     the real ``finetune.recipes.train_local.train`` at 256/512 px on 8 generated images, compile off and
+              on (median s/step after the first log interval, from the run's metrics.jsonl), when it imports.
 Peak GPU memory is reported per section. T5 ``max_sequence_length`` is 64, as in issue 3's speed figures.
 
     python scripts/gpu_check.py [--out summary.json]      # on a CUDA machine
@@ -52,14 +55,33 @@ def _build(preset: str, device: torch.device, dtype: torch.dtype) -> dict:
     return {"s": time.perf_counter() - t, "transformer_params": sum(p.numel() for p in c.transformer.parameters())}
 
 
-def _eager(preset: str, size: int, device: torch.device, dtype: torch.dtype, steps: int) -> dict:
+def _dev_blocks(device: torch.device, dtype: torch.dtype, dry: bool):
+    """FLUX.1-dev's own dimensions with 1 double and 2 single blocks (of 19 and 38): real GEMM and attention shapes."""
+    from diffusers import FluxTransformer2DModel
+
+    dims = dict(attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768)
+    if dry:
+        dims = dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16)
+        dims["axes_dims_rope"] = (4, 6, 6)  # sums to the head dim, as dev's (16, 56, 56) does to 128
+    with torch.device(device):
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, guidance_embeds=True, **dims
+        )
+    return model.to(dtype)
+
+
+def _eager(
+    build, size: int, device: torch.device, dtype: torch.dtype, steps: int, fused: bool, compile: bool = False
+) -> dict:
+    """Transformer-only LoRA steps: peft's layer (``fused=False``) or the trainer's, optionally regional-compiled."""
     from finetune import flux, lora
 
-    c = flux.load_components(f"preset:{preset}", dtype=dtype, device=device, parts=("transformer",))
-    transformer = c.transformer
-    lora.add_lora(transformer, rank=16, alpha=16.0, targets="all-linear", seed=0)
+    transformer = build()
+    lora.add_lora(transformer, rank=16, alpha=16.0, targets="all-linear", seed=0, fused=fused)
+    if compile:
+        transformer.compile_repeated_blocks(fullgraph=True)
     params = lora.lora_parameters(transformer)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     g = torch.Generator(device).manual_seed(0)
     side = size // 8
     latents = torch.randn(1, 16, side, side, generator=g, device=device, dtype=dtype)
@@ -68,6 +90,7 @@ def _eager(preset: str, size: int, device: torch.device, dtype: torch.dtype, ste
     pooled = torch.randn(1, transformer.config.pooled_projection_dim, generator=g, device=device, dtype=dtype)
     img_ids, txt_ids = flux.latent_image_ids(side, side, device, dtype), flux.text_ids(SEQ, device, dtype)
     times = []
+    t_first = time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
         noise = torch.randn_like(latents)
@@ -90,7 +113,9 @@ def _eager(preset: str, size: int, device: torch.device, dtype: torch.dtype, ste
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         times.append(time.perf_counter() - t)
-    return {"s_per_step_median": statistics.median(times[3:]), "steps_timed": len(times) - 3}
+        if len(times) == 3:
+            warmup_s = time.perf_counter() - t_first
+    return {"s_per_step_median": statistics.median(times[3:]), "steps_timed": len(times) - 3, "warmup_s": warmup_s}
 
 
 def _sampling(preset: str, size: int, device: torch.device, dtype: torch.dtype, steps: int) -> dict:
@@ -125,7 +150,7 @@ def _dataset(folder: Path, side: int) -> Path:
     return out
 
 
-def _trainer(preset: str, size: int, device: torch.device, steps: int, work: Path) -> dict:
+def _trainer(preset: str, size: int, device: torch.device, steps: int, work: Path, compile: bool = False) -> dict:
     from finetune.config import parse_config
     from finetune.recipes import train_local
     from finetune.registry import Registry
@@ -145,8 +170,9 @@ def _trainer(preset: str, size: int, device: torch.device, steps: int, work: Pat
                 "save_every": 0,
                 "max_sequence_length": SEQ,
                 "cache_dir": str(work / "cache"),
-                "output_dir": str(work / f"run-{size}"),
+                "output_dir": str(work / f"run-{size}-{'compiled' if compile else 'eager'}"),
                 "device": device.type,
+                "compile": compile,
             },
             "sample": {"every": 0},
         },
@@ -155,7 +181,8 @@ def _trainer(preset: str, size: int, device: torch.device, steps: int, work: Pat
     t = time.perf_counter()
     version = train_local.train(cfg, registry=Registry(work / "registry"))
     total = time.perf_counter() - t
-    rows = [json.loads(line) for line in (work / f"run-{size}" / "metrics.jsonl").read_text().splitlines()]
+    run_dir = Path(version.lineage["run_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_interval = sorted({(r["step"] // 10, r["s_per_it"]) for r in rows if "s_per_it" in r})
     warm = [s for _, s in per_interval[1:]] or [s for _, s in per_interval]  # the first interval holds warm-up
     timings = version.lineage.get("timings")
@@ -193,9 +220,22 @@ def main(argv: list[str] | None = None) -> int:
         "max_sequence_length": SEQ,
     }
     _section(summary, "build", device, _build, preset, device, dtype)
+
+    def small():
+        from finetune import flux
+
+        return flux.load_components(f"preset:{preset}", dtype=dtype, device=device, parts=("transformer",)).transformer
+
+    steps = 8 if dry else 30
     for size in sizes:
-        _section(summary, f"eager_{size}", device, _eager, preset, size, device, dtype, 8 if dry else 30)
+        for name, fused, compile in (("peft", False, False), ("fused", True, False), ("compiled", True, True)):
+            call = (small, size, device, dtype, steps, fused, compile)
+            _section(summary, f"eager_{name}_{size}", device, _eager, *call)
         _section(summary, f"sampling_{size}", device, _sampling, preset, size, device, dtype, 2 if dry else 8)
+    dev_size = 64 if dry else 1024  # 4096 image tokens + 64 text tokens
+    for name, fused, compile in (("peft", False, False), ("fused", True, False), ("compiled", True, True)):
+        call = (lambda: _dev_blocks(device, dtype, dry), dev_size, device, dtype, steps, fused, compile)
+        _section(summary, f"dev_blocks_{name}_{dev_size}", device, _eager, *call)
     try:
         import finetune.recipes.train_local  # noqa: F401
     except Exception as e:
@@ -204,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["FINETUNE_HOME"] = str(Path(tmp) / "home")  # never touch the user's registry or cache
             for size in sizes:
-                _section(
-                    summary, f"trainer_{size}", device, _trainer, preset, size, device, 20 if dry else 60, Path(tmp)
-                )
+                for compile in (False, True):
+                    name = f"trainer_{'compiled_' if compile else ''}{size}"
+                    call = (preset, size, device, 20 if dry else 60, Path(tmp), compile)
+                    _section(summary, name, device, _trainer, *call)
     text = json.dumps(summary, indent=2, default=str)
     print(text)
     if args.out:
