@@ -9,6 +9,8 @@ buckets), batch 1, LoRA rank 16 on every block Linear, T5 max_sequence_length 64
 - ``trainer``: ``finetune.train`` itself with the default config (cache warm, no samples); median s/step of its
   logged intervals after the first (warm-up);
 - ``compiled``: the same with ``train.compile=true``; the first interval's extra time is reported as compile time;
+- ``r4-attn``: the trainer at the LoRA settings of diffusers' ``train_dreambooth_lora_flux.py`` (the reference
+  figures in issue 3): rank 4 on the attention projections only;
 - ``naive``: what trainers without caching do: every step encodes the image with the VAE and the caption with CLIP
   and T5, then the eager step below;
 - ``eager``: the transformer forward + backward + fused AdamW step alone in eager PyTorch with peft's own LoRA layer,
@@ -74,7 +76,7 @@ def _config(dataset: Path, px: int, steps: int, out: Path):
     )
 
 
-def _trainer(px: int, steps: int, work: Path, compile: bool = False) -> dict:
+def _trainer(px: int, steps: int, work: Path, compile: bool = False, lora: dict | None = None) -> dict:
     from dataclasses import replace
 
     from finetune.recipes.train_local import LOG_EVERY, train
@@ -82,7 +84,8 @@ def _trainer(px: int, steps: int, work: Path, compile: bool = False) -> dict:
     data = _dataset(work, px)
     train(_config(data, px, 2, work / "warm"))  # fills the cache: the measured run is a second run, as in practice
     cfg = _config(data, px, steps, work / "run")
-    version = train(replace(cfg, train=replace(cfg.train, compile=compile)))
+    cfg = replace(cfg, train=replace(cfg.train, compile=compile), lora=replace(cfg.lora, **(lora or {})))
+    version = train(cfg)
     rows = [json.loads(x) for x in (Path(version.lineage["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     intervals = list(dict.fromkeys(r["s_per_it"] for r in rows if "s_per_it" in r))  # one value per interval
     median = statistics.median(intervals[1:] or intervals)
@@ -208,6 +211,7 @@ def _child(kind: str, px: int, steps: int, threads: int) -> None:
         result = {
             "trainer": lambda: _trainer(px, steps, work),
             "compiled": lambda: _trainer(px, steps, work, compile=True),
+            "r4-attn": lambda: _trainer(px, steps, work, lora={"rank": 4, "alpha": 4.0, "targets": "attention"}),
             "naive": lambda: _naive(px, steps, work),
             "eager": lambda: _eager(px, steps),
             "floor": lambda: _floor(px, steps),
@@ -216,7 +220,7 @@ def _child(kind: str, px: int, steps: int, threads: int) -> None:
     print("RESULT " + json.dumps(result))
 
 
-KINDS = ("trainer", "compiled", "naive", "eager", "floor")
+KINDS = ("trainer", "compiled", "naive", "eager", "floor", "r4-attn")
 
 
 def _run_child(kind: str, px: int, args: argparse.Namespace) -> dict:
@@ -257,7 +261,7 @@ def main() -> None:
             for kind, rs in runs.items()
         }
         figures[px] = row
-        t, c, n, e, f = (row[k]["s_per_step"] for k in KINDS)
+        t, c, n, e, f, _ = (row[k]["s_per_step"] for k in KINDS)
         print(
             f"\npreset:small {px} px, batch 1, rank {RANK}, T5 {SEQ} tokens, {args.threads} threads, "
             f"median of {args.rounds} rounds"

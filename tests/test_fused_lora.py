@@ -75,15 +75,15 @@ def test_falls_back_to_peft_where_the_math_differs():
     layer = fused.transformer_blocks[0].attn.to_q
     x = torch.randn(1, 4, layer.in_features)
     fused.train()
-    assert layer._fused_adapter(x, (), {}) is None  # dropout draws noise only peft's path applies
+    assert layer._fused_inputs(x, (), {}) is None  # dropout draws noise only peft's path applies
     fused.eval()
-    assert layer._fused_adapter(x, (), {}) == "default"
-    assert layer._fused_adapter(x.double(), (), {}) is None  # mixed dtypes outside autocast: peft casts
+    assert layer._fused_inputs(x, (), {})[-1] == 2.0  # alpha 8 / rank 4
+    assert layer._fused_inputs(x.double(), (), {}) is None  # mixed dtypes outside autocast: peft casts
     layer.merge()
-    assert layer._fused_adapter(x, (), {}) is None
+    assert layer._fused_inputs(x, (), {}) is None
     layer.unmerge()
     fused.disable_adapters()
-    assert layer._fused_adapter(x, (), {}) is None
+    assert layer._fused_inputs(x, (), {}) is None
     with torch.no_grad():  # the disabled adapter really is off: output equals the base Linear
         torch.testing.assert_close(layer(x), layer.get_base_layer()(x))
 
