@@ -27,6 +27,7 @@ __all__ = [
     "latest_checkpoint",
     "load_training_state",
     "newest_run_with_checkpoint",
+    "prune_checkpoints",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -87,13 +88,37 @@ def save_checkpoint(
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step in ``run_dir`` (temporary folders are ignored)."""
+    steps = _complete_checkpoints(run_dir)
+    return steps[-1][1] if steps else None
+
+
+def _complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint in ``run_dir``, oldest first; temporary folders are skipped."""
     folder = Path(run_dir) / "checkpoints"
-    steps = [
+    return sorted(
         (int(m.group(1)), p)
         for p in (folder.iterdir() if folder.is_dir() else [])
         if (m := _STEP_RE.match(p.name)) and (p / STATE_FILE).is_file()
-    ]
-    return max(steps)[1] if steps else None
+    )
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints of ``run_dir`` (0 keeps all); return the deleted folders.
+
+    Each is renamed to a hidden name first, so a run killed mid-deletion never leaves a partial ``step-*`` folder
+    that ``latest_checkpoint`` could pick; leftovers of an earlier interrupted deletion are removed too.
+    """
+    if keep <= 0:
+        return []
+    folder = Path(run_dir) / "checkpoints"
+    removed = []
+    for _, path in _complete_checkpoints(run_dir)[:-keep]:
+        doomed = folder / f".del-{path.name}"
+        os.replace(path, doomed)
+        removed.append(path)
+    for leftover in folder.glob(".del-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return removed
 
 
 def newest_run_with_checkpoint(runs_root: Path, name: str) -> Path | None:

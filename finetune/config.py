@@ -91,6 +91,7 @@ class TrainConfig:
     guidance: float = _field(1.0, "Guidance embedding while training FLUX.1-dev (ignored by schnell).", ge=0.0)
     max_sequence_length: int = _field(0, "T5 tokens; 0 = 512 for dev, 256 for schnell.", ge=0, le=512)
     save_every: int = _field(250, "Checkpoint every N steps; 0 saves only at the end.", ge=0)
+    keep_checkpoints: int = _field(3, "Keep the newest N checkpoints of a run, delete older ones; 0 keeps all.", ge=0)
     cache_dir: str = _field("", "Latent/text cache; empty = $FINETUNE_HOME/cache, shared by all runs.")
     output_dir: str = _field("", "Run folder; empty = runs/<name>-<timestamp>.")
     compile: bool = _field(

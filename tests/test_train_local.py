@@ -130,6 +130,15 @@ def test_resume_continues_at_the_checkpoint_step(work, dataset_zip, extra):
         train(config(output_dir=str(work / "b")))
 
 
+def test_only_the_newest_checkpoints_are_kept_and_resume_uses_them(work, dataset_zip):
+    cfg = parse_config(tiny_config(dataset_zip, save_every=1, keep_checkpoints=2, output_dir="run"))
+    full = train(cfg)
+    assert sorted(p.name for p in (work / "run" / "checkpoints").iterdir()) == ["step-000005", "step-000006"]
+    shutil.rmtree(work / "run" / "checkpoints" / "step-000006")  # as if killed after step 5's checkpoint
+    (work / "run" / "lora.safetensors").unlink()
+    assert train(cfg, resume=True).id == full.id
+
+
 def test_resume_without_a_run_is_a_clear_error(work, dataset_zip):
     with pytest.raises(FinetuneError, match=r"no run folder runs/tok-\* with a checkpoint"):
         train(parse_config(tiny_config(dataset_zip)), resume=True)

@@ -40,7 +40,7 @@ log = logging.getLogger("finetune.train")
 LOG_EVERY = 10  # steps between host reads of the loss (one device sync per interval, not per step)
 VAL_SIGMAS = (0.25, 0.5, 0.75)  # fixed-σ validation loss (ai-toolkit/kohya pattern, reference/local-trainers.md §9)
 VAL_ITEMS = 4
-RESUMABLE_CHANGES = ("train.save_every", "train.output_dir", "train.cache_dir", "sample.")
+RESUMABLE_CHANGES = ("train.save_every", "train.keep_checkpoints", "train.output_dir", "train.cache_dir", "sample.")
 
 
 def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None = None) -> Version:
@@ -521,3 +521,5 @@ def _save(cfg, run_dir, step, transformer, optimizer, scheduler, digest) -> None
     )
     checkpoint.save_checkpoint(run_dir, step, state, write, dump_config(cfg))
     log.info("checkpoint %s", checkpoint.checkpoint_dir(run_dir, step))
+    for old in checkpoint.prune_checkpoints(run_dir, cfg.train.keep_checkpoints):
+        log.info("removed checkpoint %s (train.keep_checkpoints=%d)", old, cfg.train.keep_checkpoints)

@@ -71,7 +71,16 @@ LOG_TAIL_LINES = 20  # log lines shown with a failure
 DEV_BASE = "black-forest-labs/FLUX.1-dev"
 PLACEHOLDER_URL = "https://example.invalid/dataset.zip"  # validates the input before the real URL exists
 # Settings with no effect on the result when training remotely: never reported.
-LOCAL_ONLY = {"train.device", "train.cache_dir", "train.output_dir", "train.compile", "backend", "output", "dataset"}
+LOCAL_ONLY = {
+    "train.device",
+    "train.cache_dir",
+    "train.output_dir",
+    "train.compile",
+    "train.keep_checkpoints",
+    "backend",
+    "output",
+    "dataset",
+}
 # Settings the trainer fixes; setting them explicitly to these values is honoured (ai-toolkit train.py, ref. §9.1).
 TRAINER_FIXED = {
     "train.lr_scheduler": "constant",
