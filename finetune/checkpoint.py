@@ -1,10 +1,10 @@
 """Training checkpoints: one folder per step with the full state, written atomically, and finding one to resume.
 
-A checkpoint ``<run>/checkpoints/step-000250/`` holds ``lora.safetensors`` (the LoRA contract, loadable on its own),
-``training_state.pt`` (LoRA tensors as trained, optimizer, LR scheduler, RNG states, step and data position) and the
-resolved ``config.yaml``. It is assembled in a hidden temporary folder and renamed into place, so a run killed at
-any moment (ai-toolkit corrupts checkpoints on Ctrl-C, reference/local-trainers.md §9) leaves either the whole
-checkpoint or none of it.
+A checkpoint ``<run>/checkpoints/step-000250/`` holds ``lora.safetensors`` (the LoRA contract, loadable on its own,
+in the trained dtype, so it is also what a resume continues from), ``training_state.pt`` (optimizer, LR scheduler,
+RNG states, step and data position) and the resolved ``config.yaml``. It is assembled in a hidden temporary folder
+and renamed into place, so a run killed at any moment (ai-toolkit corrupts checkpoints on Ctrl-C,
+reference/local-trainers.md §9) leaves either the whole checkpoint or none of it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from finetune.errors import FinetuneError
 
@@ -132,12 +133,20 @@ def newest_run_with_checkpoint(runs_root: Path, name: str) -> Path | None:
 
 
 def load_training_state(ckpt: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read ``training_state.pt`` of checkpoint folder ``ckpt``; tensors land on ``device`` (RNG states on CPU)."""
+    """Read checkpoint folder ``ckpt``: ``training_state.pt`` plus its LoRA under ``"lora"``; tensors land on
+    ``device`` (RNG states on CPU)."""
     path = Path(ckpt) / STATE_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file from another tool or version: say which one and what to do
         raise FinetuneError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); resume another run") from e
+    if "lora" not in state:  # stored once, as the checkpoint's LoRA file (older checkpoints also held a copy here)
+        lora_file = Path(ckpt) / "lora.safetensors"
+        try:
+            state["lora"] = load_file(str(lora_file))
+        except Exception as e:
+            msg = f"checkpoint {lora_file} cannot be read ({type(e).__name__}: {e}); resume another run"
+            raise FinetuneError(msg) from e
     if device != "cpu":
         state["lora"] = {k: v.to(device) for k, v in state["lora"].items()}
     return state

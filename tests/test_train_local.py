@@ -124,6 +124,8 @@ def test_resume_continues_at_the_checkpoint_step(work, dataset_zip, extra):
     resumed = train(config(output_dir=str(work / "b")), resume=True)
     assert resumed.id == full.id
     assert (work / "b" / "lora.safetensors").read_bytes() == (work / "a" / "lora.safetensors").read_bytes()
+    state = torch.load(work / "b" / "checkpoints" / "step-000006" / "training_state.pt", weights_only=True)
+    assert "lora" not in state and state["step"] == 6  # the LoRA is stored once, in the checkpoint's own file
     with pytest.raises(FinetuneError, match=r"train.learning_rate: 0.01 -> 0.02"):
         train(config(learning_rate=2e-2, output_dir=str(work / "b")), resume=True)
     with pytest.raises(FinetuneError, match="already holds checkpoints"):

@@ -501,8 +501,7 @@ def _peak_memory(device: torch.device) -> str:
 
 def _save(cfg, run_dir, step, transformer, optimizer, scheduler, digest) -> None:
     weights = lora.lora_state_dict(transformer)
-    state = {
-        "lora": weights,
+    state = {  # the LoRA itself is stored once, in the checkpoint's lora.safetensors
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": checkpoint.rng_state(),
