@@ -2,11 +2,11 @@
 
 peft's ``lora.Linear.forward`` computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` as five ops and five
 autograd nodes per module (plus the input cast and the output add's gradient accumulation). ``FusedLoraLinear`` is
-that class with a forward that, when it can, runs the same math as ``lora_linear``: two GEMMs and two small ones
-forward, five backward, and no gradient for the frozen base weight. Everything else (adapter bookkeeping, merge,
-state-dict names, loading) is peft's, so checkpoints and files are unchanged. It falls back to peft's forward for
-what it does not cover: several or no active adapters, dropout in training, merged or disabled adapters, LoRA
-variants (DoRA), a trainable base layer, and mixed dtypes outside autocast.
+that class with a forward that, when it can, runs the same math as ``lora_linear``: one GEMM with the frozen weight
+and two rank-r products forward, one and four backward, and no gradient for the frozen weight. Everything else
+(adapter bookkeeping, merge, state-dict names, loading) is peft's, so checkpoints and files are unchanged. It falls
+back to peft's forward for what it does not cover: several or no active adapters, dropout in training, merged or
+disabled adapters, LoRA variants (DoRA), a trainable base layer, and mixed dtypes outside autocast.
 """
 
 from __future__ import annotations

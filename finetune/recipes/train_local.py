@@ -134,8 +134,8 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     scheduler = optim.build_lr_scheduler(
         optimizer, cfg.train.lr_scheduler, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.steps
     )
-    if cfg.train.compile:  # regional: each block class compiles once and serves all its blocks (diffusers);
-        # several bucket shapes: compile for a dynamic sequence length at once instead of static, then again
+    if cfg.train.compile:  # regional: each block class compiles once and serves all its blocks (diffusers).
+        # Several bucket shapes: one graph for a dynamic sequence length (the second shape would force it anyway).
         dynamic = len({entry.bucket for entry in entries}) > 1 or None
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic)
     model, optimizer = accelerator.prepare(transformer, optimizer)
