@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Slow checks guard promises (multi-process training, resume, demo); CI runs them, a local `make test` skips them.
 PYTEST_MARK := $(if $(CI),,-m "not slow")
 
-.PHONY: demo test lint style install
+.PHONY: demo test lint style install gpu-wheels
 
 install: $(STAMP)
 
@@ -31,3 +31,9 @@ style: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_MARK)
+
+# Wheels a GPU machine whose Python has torch, peft, transformers and accelerate but not diffusers needs to run
+# scripts/gpu_check.py (Python 3.12, x86-64); .whl/ is git-ignored. See README, Development.
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
