@@ -9,12 +9,14 @@ buckets), batch 1, LoRA rank 16 on every block Linear, T5 max_sequence_length 64
 - ``trainer``: ``finetune.train`` itself with the default config (cache warm, no samples); median s/step of its
   logged intervals after the first (warm-up);
 - ``compiled``: the same with ``train.compile=true``; the first interval's extra time is reported as compile time;
-- ``r4-attn``: the trainer at the LoRA settings of diffusers' ``train_dreambooth_lora_flux.py`` (the reference
-  figures in issue 3): rank 4 on the attention projections only;
+- ``ref-lora``: the trainer at the LoRA settings of diffusers' ``train_dreambooth_lora_flux.py`` (the reference
+  figures in issue 3): rank 4 on ``attn.to_q/to_k/to_v/to_out.0`` only;
 - ``naive``: what trainers without caching do: every step encodes the image with the VAE and the caption with CLIP
   and T5, then the eager step below;
 - ``eager``: the transformer forward + backward + fused AdamW step alone in eager PyTorch with peft's own LoRA layer,
   inputs ready in memory;
+- ``reference`` (with ``--reference SCRIPT``): diffusers' ``train_dreambooth_lora_flux.py`` on the same preset and
+  images, at its default LoRA (rank 4 on the attention q/k/v/out) with ``--cache_latents``;
 - ``floor``: the trainer's step FLOPs (matmuls and attention, counted from the op shapes by
   ``torch.utils.flop_counter``) divided by the matmul rate measured here on this step's widest GEMM.
 
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64
 RANK = 16
 IMAGES = 8
+REFERENCE_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]  # train_dreambooth_lora_flux.py's
 
 
 def _peak_rss_mb() -> float:
@@ -200,7 +203,37 @@ def _floor(px: int, steps: int) -> dict:
     return {"s_per_step": flops / rate, "flops": flops, "matmul_flops_per_s": rate}
 
 
-def _child(kind: str, px: int, steps: int, threads: int) -> None:
+def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
+    """diffusers' ``train_dreambooth_lora_flux.py`` on the same preset (saved as a diffusers folder) and images, with
+    its defaults (rank 4 on to_q/k/v/out) and ``--cache_latents``; s/step from two run lengths, so setup cancels."""
+    import zipfile
+
+    from finetune import flux
+
+    model, images = work / "preset-small", work / "images"
+    flux.pipeline_from_components(flux.build_preset("small")).save_pretrained(model, safe_serialization=True)
+    images.mkdir()
+    with zipfile.ZipFile(_dataset(work, px)) as zf:
+        for name in zf.namelist():
+            if name.endswith(".png"):
+                (images / name).write_bytes(zf.read(name))
+    args = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images)]
+    args += ["--instance_prompt", "a photo of TOK", "--resolution", str(px), "--train_batch_size", "1"]
+    args += ["--max_sequence_length", str(SEQ), "--cache_latents", "--mixed_precision", "no", "--seed", "0"]
+    args += ["--learning_rate", "1e-4", "--checkpointing_steps", "1000000", "--dataloader_num_workers", "0"]
+    seconds = {}
+    for n in (10, 10 + steps):
+        cmd = [sys.executable, str(script), *args, "--max_train_steps", str(n), "--output_dir", str(work / f"out{n}")]
+        t = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        seconds[n] = time.perf_counter() - t
+        if out.returncode:
+            sys.exit(f"the reference script failed:\n{out.stderr[-3000:]}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"s_per_step": (seconds[10 + steps] - seconds[10]) / steps, "runs_s": seconds, "child_rss_mb": rss}
+
+
+def _child(kind: str, px: int, steps: int, threads: int, reference: Path | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -211,21 +244,25 @@ def _child(kind: str, px: int, steps: int, threads: int) -> None:
         result = {
             "trainer": lambda: _trainer(px, steps, work),
             "compiled": lambda: _trainer(px, steps, work, compile=True),
-            "r4-attn": lambda: _trainer(px, steps, work, lora={"rank": 4, "alpha": 4.0, "targets": "attention"}),
+            "ref-lora": lambda: _trainer(
+                px, steps, work, lora={"rank": 4, "alpha": 4.0, "targets": REFERENCE_TARGETS}
+            ),
             "naive": lambda: _naive(px, steps, work),
             "eager": lambda: _eager(px, steps),
             "floor": lambda: _floor(px, steps),
+            "reference": lambda: _reference(px, steps, work, reference),
         }[kind]()
     result["peak_rss_mb"] = _peak_rss_mb()
     print("RESULT " + json.dumps(result))
 
 
-KINDS = ("trainer", "compiled", "naive", "eager", "floor", "r4-attn")
+KINDS = ("trainer", "compiled", "naive", "eager", "floor", "ref-lora")
 
 
 def _run_child(kind: str, px: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, __file__, "--child", kind, str(px), "--steps", str(args.steps)]
+    cmd += ["--reference", str(args.reference)] if args.reference else []
     out = subprocess.run(cmd + ["--threads", str(args.threads)], capture_output=True, text=True, env=env)
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -240,39 +277,52 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, from the release installed (needs "
+        "torchvision): measured side by side as the row 'reference'",
+    )
+    parser.add_argument("--kinds", nargs="*", choices=KINDS, default=list(KINDS), help="rows to measure (all)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], int(args.child[1]), args.steps, args.threads)
+        _child(args.child[0], int(args.child[1]), args.steps, args.threads, args.reference)
         return
     figures = {}
     for px in args.px:
-        runs = {kind: [] for kind in KINDS}
+        kinds = tuple(args.kinds) + (("reference",) if args.reference else ())
+        runs = {kind: [] for kind in kinds}
         for r in range(args.rounds):
-            for kind in KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]:  # rotated, so no kind always runs first
+            for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:  # rotated, so no kind always runs first
                 runs[kind].append(_run_child(kind, px, args))
         row = {
             kind: {
                 "s_per_step": statistics.median(x["s_per_step"] for x in rs),
                 "rounds": [x["s_per_step"] for x in rs],
-                "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+                "peak_rss_mb": max(x.get("child_rss_mb", x["peak_rss_mb"]) for x in rs),
                 **({"warmup_s": statistics.median(x["warmup_s"] for x in rs)} if "warmup_s" in rs[0] else {}),
             }
             for kind, rs in runs.items()
         }
         figures[px] = row
-        t, c, n, e, f, _ = (row[k]["s_per_step"] for k in KINDS)
         print(
             f"\npreset:small {px} px, batch 1, rank {RANK}, T5 {SEQ} tokens, {args.threads} threads, "
             f"median of {args.rounds} rounds"
         )
         print(f"  {'':9} {'s/step':>8} {'rounds':>26} {'peak RSS MB':>12}")
-        for kind in KINDS:
+        for kind in kinds:
             spread = " ".join(f"{x:.3f}" for x in row[kind]["rounds"])
             print(f"  {kind:9} {row[kind]['s_per_step']:8.4f} {spread:>26} {row[kind]['peak_rss_mb']:12.0f}")
-        print(f"  compile warm-up {row['compiled']['warmup_s']:.0f} s")
-        print(f"  trainer/eager {t / e:.2f}  compiled/eager {c / e:.2f}  naive/trainer {n / t:.2f}")
-        print(f"  trainer/floor {t / f:.2f}  compiled/floor {c / f:.2f}")
+        if "compiled" in row:
+            print(f"  compile warm-up {row['compiled']['warmup_s']:.0f} s")
+        ratios = [(x, "eager") for x in ("trainer", "compiled", "ref-lora", "reference")]
+        ratios += [(x, "floor") for x in ("trainer", "compiled")] + [("naive", "trainer")]
+        ratios += [(x, "reference") for x in ("trainer", "compiled", "ref-lora")]
+        for a, b in ratios:
+            if a not in row or b not in row:
+                continue
+            print(f"  {a}/{b} {row[a]['s_per_step'] / row[b]['s_per_step']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
