@@ -10,7 +10,8 @@ buckets), batch 1, LoRA rank 16 on every block Linear, T5 max_sequence_length 64
   logged intervals after the first (warm-up);
 - ``compiled``: the same with ``train.compile=true``; the first interval's extra time is reported as compile time;
 - ``ref-lora``: the trainer at the LoRA settings of diffusers' ``train_dreambooth_lora_flux.py`` (the reference
-  figures in issue 3): rank 4 on ``attn.to_q/to_k/to_v/to_out.0`` only;
+  figures in issue 3): rank 4 on ``attn.to_q/to_k/to_v/to_out.0`` only; ``ref-compiled`` the same compiled. Both
+  train on square images, as the reference (which crops to squares) does;
 - ``naive``: what trainers without caching do: every step encodes the image with the VAE and the caption with CLIP
   and T5, then the eager step below;
 - ``eager``: the transformer forward + backward + fused AdamW step alone in eager PyTorch with peft's own LoRA layer,
@@ -41,18 +42,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64
 RANK = 16
 IMAGES = 8
-REFERENCE_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]  # train_dreambooth_lora_flux.py's
+# train_dreambooth_lora_flux.py's LoRA: rank 4 (alpha = rank) on these modules
+REFERENCE_LORA = {"rank": 4, "alpha": 4.0, "targets": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]}
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _dataset(folder: Path, px: int) -> Path:
+def _dataset(folder: Path, px: int, square: bool = False) -> Path:
+    """IMAGES generated images in three aspect buckets, or all square (the reference crops every image square, so
+    the rows compared with it train on squares too: the same tokens per step)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import write_dataset_zip
 
     sizes = [(px, px), (px + px // 4, px), (px, px + px // 4), (px, px)] * (IMAGES // 4)
+    if square:
+        sizes = [(px + px // 4, px + px // 4)] * IMAGES
     return write_dataset_zip(folder / f"bench-{px}.zip", sizes)
 
 
@@ -84,7 +90,7 @@ def _trainer(px: int, steps: int, work: Path, compile: bool = False, lora: dict 
 
     from finetune.recipes.train_local import LOG_EVERY, train
 
-    data = _dataset(work, px)
+    data = _dataset(work, px, square=lora is not None)
     train(_config(data, px, 2, work / "warm"))  # fills the cache: the measured run is a second run, as in practice
     cfg = _config(data, px, steps, work / "run")
     cfg = replace(cfg, train=replace(cfg.train, compile=compile), lora=replace(cfg.lora, **(lora or {})))
@@ -205,7 +211,8 @@ def _floor(px: int, steps: int) -> dict:
 
 def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
     """diffusers' ``train_dreambooth_lora_flux.py`` on the same preset (saved as a diffusers folder) and images, with
-    its defaults (rank 4 on to_q/k/v/out) and ``--cache_latents``; s/step from two run lengths, so setup cancels."""
+    its defaults (rank 4 on to_q/k/v/out) and ``--cache_latents``; s/step from two warm runs of different lengths,
+    so setup cancels."""
     import zipfile
 
     from finetune import flux
@@ -213,7 +220,7 @@ def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
     model, images = work / "preset-small", work / "images"
     flux.pipeline_from_components(flux.build_preset("small")).save_pretrained(model, safe_serialization=True)
     images.mkdir()
-    with zipfile.ZipFile(_dataset(work, px)) as zf:
+    with zipfile.ZipFile(_dataset(work, px, square=True)) as zf:
         for name in zf.namelist():
             if name.endswith(".png"):
                 (images / name).write_bytes(zf.read(name))
@@ -222,7 +229,7 @@ def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
     args += ["--max_sequence_length", str(SEQ), "--cache_latents", "--mixed_precision", "no", "--seed", "0"]
     args += ["--learning_rate", "1e-4", "--checkpointing_steps", "1000000", "--dataloader_num_workers", "0"]
     seconds = {}
-    for n in (10, 10 + steps):
+    for n in (2, 10, 10 + steps):  # the first run only warms the file and import caches, so both timed runs are warm
         cmd = [sys.executable, str(script), *args, "--max_train_steps", str(n), "--output_dir", str(work / f"out{n}")]
         t = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
@@ -230,6 +237,7 @@ def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
         if out.returncode:
             sys.exit(f"the reference script failed:\n{out.stderr[-3000:]}")
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    seconds.pop(2)
     return {"s_per_step": (seconds[10 + steps] - seconds[10]) / steps, "runs_s": seconds, "child_rss_mb": rss}
 
 
@@ -244,9 +252,8 @@ def _child(kind: str, px: int, steps: int, threads: int, reference: Path | None 
         result = {
             "trainer": lambda: _trainer(px, steps, work),
             "compiled": lambda: _trainer(px, steps, work, compile=True),
-            "ref-lora": lambda: _trainer(
-                px, steps, work, lora={"rank": 4, "alpha": 4.0, "targets": REFERENCE_TARGETS}
-            ),
+            "ref-lora": lambda: _trainer(px, steps, work, lora=REFERENCE_LORA),
+            "ref-compiled": lambda: _trainer(px, steps, work, compile=True, lora=REFERENCE_LORA),
             "naive": lambda: _naive(px, steps, work),
             "eager": lambda: _eager(px, steps),
             "floor": lambda: _floor(px, steps),
@@ -256,7 +263,7 @@ def _child(kind: str, px: int, steps: int, threads: int, reference: Path | None 
     print("RESULT " + json.dumps(result))
 
 
-KINDS = ("trainer", "compiled", "naive", "eager", "floor", "ref-lora")
+KINDS = ("trainer", "compiled", "naive", "eager", "floor", "ref-lora", "ref-compiled")
 
 
 def _run_child(kind: str, px: int, args: argparse.Namespace) -> dict:
@@ -314,11 +321,12 @@ def main() -> None:
         for kind in kinds:
             spread = " ".join(f"{x:.3f}" for x in row[kind]["rounds"])
             print(f"  {kind:9} {row[kind]['s_per_step']:8.4f} {spread:>26} {row[kind]['peak_rss_mb']:12.0f}")
-        if "compiled" in row:
-            print(f"  compile warm-up {row['compiled']['warmup_s']:.0f} s")
-        ratios = [(x, "eager") for x in ("trainer", "compiled", "ref-lora", "reference")]
+        for kind in ("compiled", "ref-compiled"):
+            if kind in row:
+                print(f"  {kind} warm-up {row[kind]['warmup_s']:.0f} s")
+        ratios = [(x, "eager") for x in ("trainer", "compiled", "ref-lora", "ref-compiled", "reference")]
         ratios += [(x, "floor") for x in ("trainer", "compiled")] + [("naive", "trainer")]
-        ratios += [(x, "reference") for x in ("trainer", "compiled", "ref-lora")]
+        ratios += [(x, "reference") for x in ("trainer", "compiled", "ref-lora", "ref-compiled")]
         for a, b in ratios:
             if a not in row or b not in row:
                 continue
