@@ -27,6 +27,7 @@ from finetune.errors import FinetuneError
 from finetune.files import sha256_file
 
 __all__ = [
+    "BatchOrder",
     "Dataset",
     "Entry",
     "Item",
@@ -265,7 +266,22 @@ def batches_per_epoch(entries: list[Entry], batch_size: int) -> int:
     return sum(math.ceil(n / batch_size) for n in counts.values())
 
 
+class BatchOrder:
+    """``order(index)`` = ``batch_at(entries, batch_size, seed, index)``, with each epoch's batches built once
+    rather than at every step (the trainer asks for consecutive indices)."""
+
+    def __init__(self, entries: list[Entry], batch_size: int, seed: int) -> None:
+        self.entries, self.batch_size, self.seed = entries, batch_size, seed
+        self.per_epoch = batches_per_epoch(entries, batch_size)
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def __call__(self, index: int) -> list[int]:
+        epoch, pos = divmod(index, self.per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_batches(self.entries, self.batch_size, self.seed, epoch))
+        return self._epoch[1][pos]
+
+
 def batch_at(entries: list[Entry], batch_size: int, seed: int, index: int) -> list[int]:
     """Entry indices of global micro-batch ``index``: a pure function of the entries, batch size, seed and index."""
-    epoch, pos = divmod(index, batches_per_epoch(entries, batch_size))
-    return epoch_batches(entries, batch_size, seed, epoch)[pos]
+    return BatchOrder(entries, batch_size, seed)(index)

@@ -12,6 +12,7 @@ from conftest import write_dataset_zip
 from PIL import Image
 
 from finetune.dataset import (
+    BatchOrder,
     Entry,
     assign_buckets,
     batch_at,
@@ -171,6 +172,9 @@ def test_batch_order_is_a_function_of_seed_and_index_only():
     assert order == [batch_at(entries, 2, seed=1, index=i) for i in range(20)]
     assert order[7] == batch_at(entries, 2, seed=1, index=7)
     assert order != [batch_at(entries, 2, seed=2, index=i) for i in range(20)]
+    order_once = BatchOrder(entries, 2, seed=1)  # builds each epoch once; same batches as the pure function
+    assert [order_once(i) for i in range(20)] == order
+    assert order_once(3) == order[3]  # going back to an earlier epoch rebuilds it
     assert order[:5] != order[5:10]  # epochs are reshuffled
 
 

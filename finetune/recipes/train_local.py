@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from finetune import cache, checkpoint, flow, flux, lora, optim
 from finetune.config import Config, config_to_dict, dump_config
-from finetune.dataset import Entry, assign_buckets, batch_at, load_bucket_image, read_dataset, sample_seed
+from finetune.dataset import BatchOrder, Entry, assign_buckets, load_bucket_image, read_dataset, sample_seed
 from finetune.errors import EXIT_FAILURE, FinetuneError
 from finetune.registry import Registry, Version
 
@@ -367,11 +367,14 @@ class _Batches:
         self.cfg, self.entries, self.latents, self.text, self.items = cfg, entries, latents, text, items
         self.vae_config, self.dtype, self.device = vae_config, dtype, accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.ids: dict[tuple[int, int], torch.Tensor] = {}
+        self.order = BatchOrder(entries, cfg.train.batch_size, cfg.train.seed)
+        self.ids: dict[tuple[int, int], torch.Tensor] = {}  # image position ids per latent size
+        seq = next(iter(text.values()))["prompt_embeds"].shape[0]  # every caption is cached at one length
+        self.txt_ids = flux.text_ids(seq, self.device, dtype)
 
     def __call__(self, index: int) -> _Batch:
         cfg = self.cfg
-        chosen = batch_at(self.entries, cfg.train.batch_size, cfg.train.seed, index)
+        chosen = self.order(index)
         rows = []
         for sample_id in range(self.rank, len(chosen), self.world):
             entry = chosen[sample_id]
@@ -397,7 +400,7 @@ class _Batches:
             prompt_embeds=embeds.to(dtype=self.dtype, **to),
             pooled_prompt_embeds=torch.stack([r[3]["pooled_prompt_embeds"] for r in rows]).to(dtype=self.dtype, **to),
             img_ids=self.ids[(h, w)],
-            txt_ids=flux.text_ids(embeds.shape[1], self.device, self.dtype),
+            txt_ids=self.txt_ids,
         )
 
 
