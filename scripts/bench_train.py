@@ -217,8 +217,7 @@ def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
 
     from finetune import flux
 
-    model, images = work / "preset-small", work / "images"
-    flux.pipeline_from_components(flux.build_preset("small")).save_pretrained(model, safe_serialization=True)
+    model, images = flux.save_preset("small", work / "preset-small"), work / "images"
     images.mkdir()
     with zipfile.ZipFile(_dataset(work, px, square=True)) as zf:
         for name in zf.namelist():
