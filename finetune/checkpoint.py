@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.errors import FinetuneError
+from finetune.files import atomic_dir
 
 __all__ = [
     "STATE_FILE",
@@ -72,18 +73,12 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, step)
     if final.is_dir():  # a resumed run reaching a step it had already saved: the content is the same
         return final
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(final) as tmp:
         write_lora(tmp / "lora.safetensors")
         torch.save({**state, "step": step}, tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
         for f in tmp.iterdir():
             _fsync(f)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

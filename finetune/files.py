@@ -1,4 +1,4 @@
-"""File helpers every part shares: atomic writes (temp file beside the target, fsync, rename) and file hashing.
+"""File helpers every part shares: atomic writes (temp file or folder beside the target, rename) and file hashing.
 
 A reader never sees half a file: it sees the old one or the new one, and an interrupted write leaves no file behind.
 This module imports nothing from ``finetune``.
@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_file", "finetune_home", "sha256_file", "write_atomic"]
+__all__ = ["atomic_dir", "atomic_file", "finetune_home", "sha256_file", "write_atomic"]
 
 
 def finetune_home() -> Path:
@@ -48,6 +49,23 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A new hidden folder beside ``path`` to fill; on a clean exit it is renamed to ``path``, else removed.
+
+    ``path`` must not exist when the block ends (a caller that replaces a folder removes the old one last, inside
+    the block). Readers see the whole folder or none of it; an interrupted write leaves only a hidden temp folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; the partial folder otherwise
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:

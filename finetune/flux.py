@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.errors import EXIT_USAGE, FinetuneError
+from finetune.files import atomic_dir
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
@@ -324,15 +324,10 @@ def save_preset(name: str, path: Path, seed: int = 0) -> Path:
     if path.exists() and not (path / "model_index.json").is_file():
         raise FinetuneError(f"{path} exists and is not a saved pipeline; choose an empty or new folder")
     components = build_preset(name, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         pipeline_from_components(components).save_pretrained(tmp, safe_serialization=True)
         if path.exists():
             shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

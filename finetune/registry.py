@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import EXIT_USAGE, FinetuneError
-from finetune.files import finetune_home, sha256_file, write_atomic
+from finetune.files import atomic_dir, finetune_home, sha256_file, write_atomic
 
 __all__ = ["Registry", "RegistryError", "Version"]
 
@@ -224,17 +224,12 @@ class Registry:
                 "lineage": lineage,
                 "evals": [],
             }
-            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
-            try:
+            with atomic_dir(final) as tmp:
                 shutil.copyfile(lora_file, tmp / LORA_FILE)
                 if sha256_file(tmp / LORA_FILE) != version_id:
                     raise RegistryError(f"{lora_file} changed while it was being copied; try again")
                 (tmp / "model.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
                 (tmp / "README.md").write_text(card or _model_card(model, version_id, lineage), encoding="utf-8")
-                os.rename(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         return self._load(model, final)
 
     def append_eval(self, version: Version, summary: dict) -> Version:

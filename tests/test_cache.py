@@ -81,7 +81,7 @@ def test_cache_latents_encodes_only_missing_and_leaves_no_temp_files(tmp_path):
     calls.clear()
     cache_latents(tmp_path, jobs + [("k9", lambda: torch.zeros(3, 16, 16))], encode)
     assert calls == [1]  # the second run reuses the five cached entries
-    assert not list(tmp_path.rglob(".tmp-*"))
+    assert not list(tmp_path.rglob(".*"))  # no temp files left behind
 
 
 def test_cache_texts_dedupes_and_reuses(tmp_path):

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from finetune.files import atomic_file, sha256_file, write_atomic
+from finetune.files import atomic_dir, atomic_file, sha256_file, write_atomic
 
 
 def test_write_atomic_replaces_and_uses_default_permissions(tmp_path):
@@ -26,6 +26,19 @@ def test_interrupted_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.zip"]
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "runs" / "step-000010"
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"whole")
+        assert not target.exists()  # nothing visible until the block ends
+    assert (target / "a.bin").read_bytes() == b"whole"
+    assert [p.name for p in target.parent.iterdir()] == ["step-000010"]
 
 
 def test_sha256_file_matches_hashlib(tmp_path):
