@@ -145,7 +145,11 @@ class Registry:
         folder = self._model_dir(model)
         if not folder.is_dir():
             return []
-        found = [self._load(model, p) for p in folder.iterdir() if p.is_dir() and (p / "model.json").is_file()]
+        found = [
+            self._load(model, p)
+            for p in folder.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / "model.json").is_file()  # not a version being added
+        ]
         return sorted(found, key=lambda v: (v.info.get("sequence", 0), v.info.get("created_at", "")))
 
     def resolve(self, ref: str, *, verify: bool = True) -> Version:

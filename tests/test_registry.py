@@ -32,6 +32,10 @@ def test_add_version_is_content_addressed_and_idempotent(tmp_path):
     again = registry.add_version("me/tok", src, lineage())
     assert again.id == v1.id
     assert len(registry.versions("me/tok")) == 1
+    half = v1.path.parent / f".{v1.id}.x.tmp"  # another process's version still being written
+    half.mkdir()
+    (half / "model.json").write_text((v1.path / "model.json").read_text())
+    assert [v.id for v in registry.versions("me/tok")] == [v1.id]
     assert src.read_bytes() == b"weights-a"  # the source is copied, never moved
 
 
