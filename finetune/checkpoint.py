@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from finetune.errors import FinetuneError
 from finetune.files import atomic_dir
+from finetune.lora import load_lora_file
 
 __all__ = [
     "STATE_FILE",
@@ -136,12 +136,7 @@ def load_training_state(ckpt: Path, device: torch.device | str = "cpu") -> dict[
     except Exception as e:  # a file from another tool or version: say which one and what to do
         raise FinetuneError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); resume another run") from e
     if "lora" not in state:  # stored once, as the checkpoint's LoRA file (older checkpoints also held a copy here)
-        lora_file = Path(ckpt) / "lora.safetensors"
-        try:
-            state["lora"] = load_file(str(lora_file))
-        except Exception as e:
-            msg = f"checkpoint {lora_file} cannot be read ({type(e).__name__}: {e}); resume another run"
-            raise FinetuneError(msg) from e
+        state["lora"], _ = load_lora_file(Path(ckpt) / "lora.safetensors")
     if device != "cpu":
         state["lora"] = {k: v.to(device) for k, v in state["lora"].items()}
     return state
