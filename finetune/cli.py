@@ -6,6 +6,7 @@ the command that needs it, so ``finetune --help`` and config errors never import
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -139,7 +140,8 @@ def train(
     from finetune.recipes.train_local import train as train_local
 
     version = train_local(cfg, resume=run_dir or resume)
-    typer.echo(version.ref)
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch` every process returns it: print it once
+        typer.echo(version.ref)
 
 
 def _number_list(option: str, value: str, kind: type) -> list:

@@ -12,6 +12,7 @@ diffusers' ``FluxPipeline``; tests check these functions against its private hel
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,12 @@ import torch
 
 from finetune.errors import EXIT_USAGE, FinetuneError
 from finetune.files import atomic_dir
+
+# With torchao installed, importing diffusers' models imports it (diffusers' quantizer registry), and that logs about
+# CUDA kernels a CPU build lacks, torch pytree deprecations and pre-serialized checkpoints: none of it concerns
+# int8 weight-only quantization, and it would greet every run.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
@@ -46,6 +53,7 @@ __all__ = [
     "pipeline_from_components",
     "resolve_device",
     "resolve_dtype",
+    "resolve_quantize",
     "sample_images",
     "save_preset",
     "text_ids",
@@ -160,6 +168,47 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise FinetuneError(f"dtype {name!r} is not supported; use auto, float32, bfloat16 or float16")
     return _DTYPES[name]
+
+
+QUANTIZE_BELOW_GIB = 36  # auto quantizes on smaller GPUs: FLUX.1's 24 GB of bf16 weights leave no room on 24/32 GB
+
+
+def resolve_quantize(name: str, device: str | torch.device) -> str | None:
+    """``train.quantize`` → ``"int8"`` or None. ``auto`` is int8 on a CUDA GPU with under ``QUANTIZE_BELOW_GIB``
+    GiB of memory (where FLUX.1's bf16 transformer does not fit with room to train), else None.
+
+    Raises:
+        FinetuneError: an unknown name, or int8 without torchao installed (checked here, before any model loads).
+    """
+    device = torch.device(device)
+    if name == "auto":
+        small = (
+            device.type == "cuda"
+            and torch.cuda.get_device_properties(device).total_memory < QUANTIZE_BELOW_GIB * 2**30
+        )
+        name = "int8" if small else "none"
+    if name == "none":
+        return None
+    if name != "int8":
+        raise FinetuneError(f"train.quantize: {name!r} is not supported; use auto, none or int8", EXIT_USAGE)
+    try:
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise FinetuneError(
+            "train.quantize: int8 needs torchao, which is not installed; run `pip install 'finetune[quantize]'`, "
+            "or set train.quantize=none (bf16 FLUX.1 needs a GPU with 40 GB or more)",
+            EXIT_USAGE,
+        ) from e
+    return name
+
+
+def _torchao_config(quantize: str) -> Any:
+    """torchao's int8 weight-only config: one int8 per weight plus one scale per output channel; activations and
+    the matmul stay in the compute dtype (torchao ``Int8WeightOnlyConfig``)."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    assert quantize == "int8", quantize
+    return Int8WeightOnlyConfig()
 
 
 # ---- which model ---------------------------------------------------------------------------------------------------
@@ -383,7 +432,7 @@ def _missing_weights_error(base_model: str, part: str, error: Exception) -> Fine
     )
 
 
-def _load_part(source: str, part: str, dtype: torch.dtype, *, local_only: bool) -> Any:
+def _load_part(source: str, part: str, dtype: torch.dtype, *, local_only: bool, quantize: str | None = None) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -396,6 +445,10 @@ def _load_part(source: str, part: str, dtype: torch.dtype, *, local_only: bool) 
         return (CLIPTokenizer if part == "tokenizer" else T5TokenizerFast).from_pretrained(source, **common)
     if part in ("transformer", "vae"):
         cls = FluxTransformer2DModel if part == "transformer" else AutoencoderKL
+        if quantize and part == "transformer":  # quantized tensor by tensor as it loads: never all of it in bf16
+            from diffusers import TorchAoConfig
+
+            common["quantization_config"] = TorchAoConfig(_torchao_config(quantize))
         return cls.from_pretrained(source, torch_dtype=dtype, **common)
     cls = CLIPTextModel if part == "text_encoder" else T5EncoderModel
     return cls.from_pretrained(source, dtype=dtype, **common)
@@ -407,8 +460,12 @@ def load_components(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     parts: tuple[str, ...] = ("transformer", "vae", "text_encoder", "text_encoder_2"),
+    quantize: str | None = None,
 ) -> FluxComponents:
     """Load the named parts of a FLUX.1 model, in eval mode, on ``device`` in ``dtype`` (None: the dtype policy).
+
+    ``quantize="int8"`` stores every Linear weight of the transformer in int8 (see ``resolve_quantize``), on the CPU
+    before it moves to ``device``, so the quantized values are the same on every device and process.
 
     ``base_model`` is a hub id (HF cache and ``HF_HUB_OFFLINE`` honoured), a local diffusers folder, or
     ``preset:tiny``/``preset:small``. A text encoder brings its tokenizer; the scheduler always comes (config only).
@@ -454,11 +511,11 @@ def load_components(
         for part in sorted(wanted, key=PARTS.index):
             try:
                 try:  # the cache first: no network round trips (and no retries) when the weights are already here
-                    loaded[part] = _load_part(source, part, dtype, local_only=True)
+                    loaded[part] = _load_part(source, part, dtype, local_only=True, quantize=quantize)
                 except Exception:
                     if local_only:
                         raise
-                    loaded[part] = _load_part(source, part, dtype, local_only=False)
+                    loaded[part] = _load_part(source, part, dtype, local_only=False, quantize=quantize)
             except Exception as e:  # hub, cache and file errors come in many types; all mean "weights missing"
                 if folder.is_dir():
                     raise FinetuneError(f"base_model: cannot load '{part}' from {folder}: {e}") from e
@@ -468,7 +525,14 @@ def load_components(
         if isinstance(module, torch.nn.Module):
             if preset is not None:  # built in float32; loaded parts already came in ``dtype`` (fp32-pinned parts kept)
                 torch.nn.Module.to(module, dtype=dtype)  # plain Module.to: diffusers' .to warns about an empty list
-            module.to(device).eval().requires_grad_(False)
+            module.eval().requires_grad_(False)
+    if quantize and preset is not None and "transformer" in loaded:
+        from torchao.quantization import quantize_
+
+        quantize_(loaded["transformer"], _torchao_config(quantize))
+    for module in loaded.values():
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
     return FluxComponents(**loaded)
 
 

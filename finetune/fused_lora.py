@@ -94,6 +94,8 @@ class FusedLoraLinear(PeftLoraLinear):
         if type(base) is not torch.nn.Linear:  # a quantized or nested base layer: peft knows how to call it
             return None
         weight, bias = base.weight, base.bias
+        if type(weight) is not torch.nn.Parameter:  # a quantized tensor subclass (torchao): its own linear kernels
+            return None
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             return None
         if self.training and type(self.lora_dropout[adapter]) is not torch.nn.Identity:

@@ -219,3 +219,51 @@ def test_cached_hub_id_loads_offline_from_the_hf_cache(tiny_preset_dir, tmp_path
     c = flux.load_components("someone/tiny-flux", parts=("transformer", "text_encoder_2"))
     assert _state_equal(c.transformer, flux.build_preset("tiny").transformer)
     assert c.tokenizer_2 is not None and c.vae is None
+
+
+def _quantized_linears(module: torch.nn.Module) -> list[str]:
+    return [
+        n
+        for n, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ != "Parameter"
+    ]
+
+
+def _forward(transformer: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    config = transformer.config
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, 16, config.in_channels, generator=g),
+            encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+            timestep=torch.tensor([0.5]),
+            img_ids=flux.latent_image_ids(8, 8, "cpu", torch.float32),
+            txt_ids=flux.text_ids(8, "cpu", torch.float32),
+            guidance=torch.ones(1),
+            return_dict=False,
+        )[0]
+
+
+def test_int8_quantizes_every_transformer_linear_the_same_from_a_preset_or_a_folder(tiny_preset_dir):
+    plain = flux.load_components("preset:tiny", parts=("transformer",)).transformer
+    preset = flux.load_components("preset:tiny", parts=("transformer",), quantize="int8").transformer
+    folder = flux.load_components(str(tiny_preset_dir), parts=("transformer",), quantize="int8").transformer
+    linears = [n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert _quantized_linears(preset) == _quantized_linears(folder) == linears
+    assert not any(p.requires_grad for p in preset.parameters())
+    exact, from_preset, from_folder = _forward(plain), _forward(preset), _forward(folder)
+    torch.testing.assert_close(from_preset, from_folder, rtol=0, atol=0)  # one quantizer, one result
+    error = float((from_preset - exact).norm() / exact.norm())
+    assert 0 < error < 0.02  # int8 per channel: about 0.5 % here; quantized, so not exact
+
+
+def test_quantize_policy_and_a_missing_torchao(monkeypatch):
+    assert flux.resolve_quantize("auto", "cpu") is None  # auto quantizes only small CUDA GPUs
+    assert flux.resolve_quantize("none", "cpu") is None
+    assert flux.resolve_quantize("int8", "cpu") == "int8"
+    with pytest.raises(FinetuneError, match="'nf4' is not supported"):
+        flux.resolve_quantize("nf4", "cpu")
+    monkeypatch.setitem(__import__("sys").modules, "torchao", None)  # what `import torchao` sees when it is absent
+    with pytest.raises(FinetuneError, match=r"needs torchao.*finetune\[quantize\].*train.quantize=none"):
+        flux.resolve_quantize("int8", "cpu")

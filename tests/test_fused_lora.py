@@ -111,3 +111,26 @@ def test_input_gradient_only_when_needed(needs_x_grad):
     lora_linear(x, torch.randn(3, 6, generator=g), None, a, b, 1.0).sum().backward()
     assert (x.grad is not None) is needs_x_grad
     assert a.grad is not None and b.grad is not None
+
+
+def test_int8_base_weights_take_peft_path_and_still_train():
+    """A torchao int8 weight is a tensor subclass with its own linear kernels: the fused layer steps aside for it."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    models = []
+    for fused in (True, False):
+        model = tiny_transformer()
+        quantize_(model, Int8WeightOnlyConfig())
+        L.add_lora(model, rank=4, alpha=8.0, targets="all-linear", seed=0, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in L.lora_parameters(model):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        models.append(model)
+    layer = models[0].transformer_blocks[0].attn.to_q
+    assert type(layer) is FusedLoraLinear and layer._fused_inputs(torch.randn(1, 4, layer.in_features), (), {}) is None
+    (loss_f, grads_f), (loss_p, grads_p) = (loss_and_grads(m) for m in models)
+    torch.testing.assert_close(loss_f, loss_p, rtol=0, atol=0)
+    assert len(grads_f) == 2 * 20 and all(grads_f[n].abs().max() > 0 for n in grads_f)  # through every int8 layer
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=0, atol=0, msg=name)

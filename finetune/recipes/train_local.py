@@ -52,6 +52,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     processes = PartialState(cpu=cpu)  # joins `accelerate launch` / torchrun process groups
     device, main = processes.device, processes.is_main_process
     optim.check_optimizer(cfg.train.optimizer, device)
+    quantize = flux.resolve_quantize(cfg.train.quantize, device)
     if not 1 <= cfg.lora.rank <= 256:
         raise FinetuneError(f"lora.rank: {cfg.lora.rank} is out of range; use 1 to 256")
     if cfg.train.batch_size % processes.num_processes:
@@ -75,8 +76,8 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     seq_len = cfg.sequence_length
     cache_dir = Path(cfg.train.cache_dir).expanduser() if cfg.train.cache_dir else cache.default_cache_dir()
 
-    # ---- models: the transformer and VAE; the text encoders only if the cache lacks a caption -------------------
-    c = flux.load_components(cfg.base_model, dtype=dtype, device=device, parts=("transformer", "vae"))
+    # ---- models: the VAE now, the text encoders only if the cache lacks a caption, the transformer after caching --
+    c = flux.load_components(cfg.base_model, dtype=dtype, device=device, parts=("vae",))
     vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
     entries = assign_buckets(dataset.items, cfg.train.resolution, multiple=2 * vae_scale)
     prompts = [p.replace("[trigger]", cfg.trigger_word) for p in cfg.sample.prompts]
@@ -110,11 +111,19 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         _log_to(run_dir / "train.log")
     accelerator.init_trackers("logs")  # TensorBoard events in <run>/logs (main process only)
     log.info(
-        "run %s: %d images, %d entries, device %s, dtype %s", run_dir, len(dataset.items), len(entries), device, dtype
+        "run %s: %d images, %d entries, device %s, dtype %s, base weights %s",
+        run_dir,
+        len(dataset.items),
+        len(entries),
+        device,
+        dtype,
+        quantize or "not quantized",
     )
 
-    # ---- LoRA, optimizer, schedule; then restore a checkpoint -----------------------------------------------------
-    transformer = c.transformer
+    # ---- the transformer (alone on the device with the VAE decoder), LoRA, optimizer, schedule; then a checkpoint --
+    transformer = flux.load_components(
+        cfg.base_model, dtype=dtype, device=device, parts=("transformer",), quantize=quantize
+    ).transformer
     lora.add_lora(
         transformer,
         rank=cfg.lora.rank,
@@ -138,6 +147,10 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         # Several bucket shapes: one graph for a dynamic sequence length (the second shape would force it anyway).
         dynamic = len({entry.bucket for entry in entries}) > 1 or None
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic)
+    # DDP would broadcast every parameter from rank 0 at start: the frozen base is loaded the same by every process
+    # (24 GB of FLUX.1 for nothing), and int8 (torchao) weights cannot be broadcast at all. Only the LoRA syncs.
+    frozen = [name for name, p in transformer.named_parameters() if not p.requires_grad]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     start = 0
     torch.manual_seed(cfg.train.seed)  # LoRA dropout is the only user of the global RNG
