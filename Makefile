@@ -36,4 +36,4 @@ test: lint
 # scripts/gpu_check.py (Python 3.12, x86-64); .whl/ is git-ignored. See README, Development.
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata torchao==0.18.0

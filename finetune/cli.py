@@ -177,6 +177,9 @@ def eval_(
     dino_model: Annotated[str, typer.Option("--dino-model", help="DINO scorer: hub id or folder.")] = (
         "facebook/dino-vits16"
     ),
+    quantize: Annotated[
+        str, typer.Option("--quantize", help="Base weights: int8, none, or auto (int8 on CUDA GPUs under 36 GiB).")
+    ] = "auto",
 ) -> None:
     """Sample versions side by side on the same prompts and seeds, score them, and write a comparison report."""
     cfg = load_config(config, []) if config else None
@@ -208,6 +211,7 @@ def eval_(
         clip_model=clip_model,
         dino_model=dino_model,
         base_model=cfg.base_model if cfg is not None and "base_model" in cfg.explicit else None,
+        quantize=quantize,
     )
     typer.echo(f"Report: {result.html_path}")  # warnings and skipped metrics were logged as they happened
 

@@ -173,14 +173,16 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
 QUANTIZE_BELOW_GIB = 36  # auto quantizes on smaller GPUs: FLUX.1's 24 GB of bf16 weights leave no room on 24/32 GB
 
 
-def resolve_quantize(name: str, device: str | torch.device) -> str | None:
+def resolve_quantize(name: str, device: str | torch.device, setting: str = "train.quantize") -> str | None:
     """``train.quantize`` → ``"int8"`` or None. ``auto`` is int8 on a CUDA GPU with under ``QUANTIZE_BELOW_GIB``
     GiB of memory (where FLUX.1's bf16 transformer does not fit with room to train), else None.
 
     Raises:
-        FinetuneError: an unknown name, or int8 without torchao installed (checked here, before any model loads).
+        FinetuneError: an unknown name, or int8 without torchao installed (checked here, before any model loads);
+            ``setting`` names the option in the message (``train.quantize``, ``--quantize``).
     """
     device = torch.device(device)
+    set_none = f"{setting} none" if setting.startswith("--") else f"{setting}=none"
     if name == "auto":
         small = (
             device.type == "cuda"
@@ -190,13 +192,13 @@ def resolve_quantize(name: str, device: str | torch.device) -> str | None:
     if name == "none":
         return None
     if name != "int8":
-        raise FinetuneError(f"train.quantize: {name!r} is not supported; use auto, none or int8", EXIT_USAGE)
+        raise FinetuneError(f"{setting}: {name!r} is not supported; use auto, none or int8", EXIT_USAGE)
     try:
         import torchao  # noqa: F401
     except ImportError as e:
         raise FinetuneError(
-            "train.quantize: int8 needs torchao, which is not installed; run `pip install 'finetune[quantize]'`, "
-            "or set train.quantize=none (bf16 FLUX.1 needs a GPU with 40 GB or more)",
+            f"{setting}: int8 needs torchao, which is not installed; run `pip install 'finetune[quantize]'`, "
+            f"or set {set_none} (bf16 FLUX.1 needs a GPU with 40 GB or more)",
             EXIT_USAGE,
         ) from e
     return name

@@ -9,6 +9,7 @@ buckets), batch 1, LoRA rank 16 on every block Linear, T5 max_sequence_length 64
 - ``trainer``: ``finetune.train`` itself with the default config (cache warm, no samples); median s/step of its
   logged intervals after the first (warm-up);
 - ``compiled``: the same with ``train.compile=true``; the first interval's extra time is reported as compile time;
+- ``int8`` (only when asked for with ``--kinds``): the trainer with ``train.quantize=int8`` (torchao int8 weights);
 - ``ref-lora``: the trainer at the LoRA settings of diffusers' ``train_dreambooth_lora_flux.py`` (the reference
   figures in issue 3): rank 4 on ``attn.to_q/to_k/to_v/to_out.0`` only; ``ref-compiled`` the same compiled. Both
   train on square images, as the reference (which crops to squares) does;
@@ -85,7 +86,9 @@ def _config(dataset: Path, px: int, steps: int, out: Path):
     )
 
 
-def _trainer(px: int, steps: int, work: Path, compile: bool = False, lora: dict | None = None) -> dict:
+def _trainer(
+    px: int, steps: int, work: Path, compile: bool = False, lora: dict | None = None, quantize: str = "none"
+) -> dict:
     from dataclasses import replace
 
     from finetune.recipes.train_local import LOG_EVERY, train
@@ -93,7 +96,9 @@ def _trainer(px: int, steps: int, work: Path, compile: bool = False, lora: dict 
     data = _dataset(work, px, square=lora is not None)
     train(_config(data, px, 2, work / "warm"))  # fills the cache: the measured run is a second run, as in practice
     cfg = _config(data, px, steps, work / "run")
-    cfg = replace(cfg, train=replace(cfg.train, compile=compile), lora=replace(cfg.lora, **(lora or {})))
+    cfg = replace(
+        cfg, train=replace(cfg.train, compile=compile, quantize=quantize), lora=replace(cfg.lora, **(lora or {}))
+    )
     version = train(cfg)
     rows = [json.loads(x) for x in (Path(version.lineage["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     intervals = list(dict.fromkeys(r["s_per_it"] for r in rows if "s_per_it" in r))  # one value per interval
@@ -251,6 +256,7 @@ def _child(kind: str, px: int, steps: int, threads: int, reference: Path | None 
         result = {
             "trainer": lambda: _trainer(px, steps, work),
             "compiled": lambda: _trainer(px, steps, work, compile=True),
+            "int8": lambda: _trainer(px, steps, work, quantize="int8"),
             "ref-lora": lambda: _trainer(px, steps, work, lora=REFERENCE_LORA),
             "ref-compiled": lambda: _trainer(px, steps, work, compile=True, lora=REFERENCE_LORA),
             "naive": lambda: _naive(px, steps, work),
@@ -289,7 +295,9 @@ def main() -> None:
         help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, from the release installed (needs "
         "torchvision): measured side by side as the row 'reference'",
     )
-    parser.add_argument("--kinds", nargs="*", choices=KINDS, default=list(KINDS), help="rows to measure (all)")
+    parser.add_argument(
+        "--kinds", nargs="*", choices=KINDS + ("int8",), default=list(KINDS), help="rows to measure (all but int8)"
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -324,6 +332,7 @@ def main() -> None:
             if kind in row:
                 print(f"  {kind} warm-up {row[kind]['warmup_s']:.0f} s")
         ratios = [(x, "eager") for x in ("trainer", "compiled", "ref-lora", "ref-compiled", "reference")]
+        ratios += [("int8", "trainer")]
         ratios += [(x, "floor") for x in ("trainer", "compiled")] + [("naive", "trainer")]
         ratios += [(x, "reference") for x in ("trainer", "compiled", "ref-lora", "ref-compiled")]
         for a, b in ratios:

@@ -6,7 +6,8 @@ Measures, each section independent (an error is recorded, the others still run):
               with peft's layer, the fused layer, and the fused layer with regional torch.compile (``warmup_s``
               holds the compile);
   sampling    ``flux.sample_images`` for 4 seeds of one prompt in one batch, 8 steps, at 256/512 px;
-  dev_blocks  the same three steps on FLUX.1-dev's dimensions (1 double + 2 single blocks) at 1024 px;
+  dev_blocks  the same three steps on FLUX.1-dev's dimensions (1 double + 2 single blocks) at 1024 px, and the
+              fused step with the blocks' weights in int8 (``train.quantize: int8``; torchao), with the weights' GiB;
   trainer     the real ``finetune.recipes.train_local.train`` at 256/512 px on 8 generated images, compile off and
               on (median s/step after the first log interval, from the run's metrics.jsonl), when it imports.
 Peak GPU memory is reported per section. T5 ``max_sequence_length`` is 64, as in issue 3's speed figures.
@@ -70,13 +71,37 @@ def _dev_blocks(device: torch.device, dtype: torch.dtype, dry: bool):
     return model.to(dtype)
 
 
+def _weight_gib(module: torch.nn.Module) -> float:
+    """Bytes held by the parameters, a quantized tensor counted by the plain tensors it is made of."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            return sum(nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+        return t.numel() * t.element_size()
+
+    return round(sum(nbytes(p) for p in module.parameters()) / 2**30, 3)
+
+
 def _eager(
-    build, size: int, device: torch.device, dtype: torch.dtype, steps: int, fused: bool, compile: bool = False
+    build,
+    size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    fused: bool,
+    compile: bool = False,
+    quantize: bool = False,
 ) -> dict:
-    """Transformer-only LoRA steps: peft's layer (``fused=False``) or the trainer's, optionally regional-compiled."""
+    """Transformer-only LoRA steps: peft's layer (``fused=False``) or the trainer's, optionally regional-compiled or
+    with int8 base weights (as ``train.quantize: int8`` loads them)."""
     from finetune import flux, lora
 
     transformer = build()
+    if quantize:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(transformer, Int8WeightOnlyConfig())
+    weight_gib = _weight_gib(transformer)
     lora.add_lora(transformer, rank=16, alpha=16.0, targets="all-linear", seed=0, fused=fused)
     if compile:
         transformer.compile_repeated_blocks(fullgraph=True)
@@ -115,7 +140,12 @@ def _eager(
         times.append(time.perf_counter() - t)
         if len(times) == 3:
             warmup_s = time.perf_counter() - t_first
-    return {"s_per_step_median": statistics.median(times[3:]), "steps_timed": len(times) - 3, "warmup_s": warmup_s}
+    return {
+        "s_per_step_median": statistics.median(times[3:]),
+        "steps_timed": len(times) - 3,
+        "warmup_s": warmup_s,
+        "weight_gib": weight_gib,
+    }
 
 
 def _sampling(preset: str, size: int, device: torch.device, dtype: torch.dtype, steps: int) -> dict:
@@ -233,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             _section(summary, f"eager_{name}_{size}", device, _eager, *call)
         _section(summary, f"sampling_{size}", device, _sampling, preset, size, device, dtype, 2 if dry else 8)
     dev_size = 64 if dry else 1024  # 4096 image tokens + 64 text tokens
-    for name, fused, compile in (("peft", False, False), ("fused", True, False), ("compiled", True, True)):
-        call = (lambda: _dev_blocks(device, dtype, dry), dev_size, device, dtype, steps, fused, compile)
+    kinds = (("peft", False, False, False), ("fused", True, False, False), ("compiled", True, True, False))
+    for name, fused, compile, quantize in kinds + (("int8", True, False, True),):
+        call = (lambda: _dev_blocks(device, dtype, dry), dev_size, device, dtype, steps, fused, compile, quantize)
         _section(summary, f"dev_blocks_{name}_{dev_size}", device, _eager, *call)
     try:
         import finetune.recipes.train_local  # noqa: F401

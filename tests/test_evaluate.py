@@ -148,6 +148,28 @@ def test_eval_loads_once_encodes_once_and_reuses_cached_images(world, monkeypatc
     assert third.counters["images_sampled"] == 0 and counters.loads == 0
 
 
+def test_int8_base_samples_nearly_the_same_images_and_caches_them_apart(world, tmp_path):
+    v1, _ = world["versions"]
+    out = tmp_path / "report"
+    plain = run(world, ["base", v1.ref], out, quantize="none")
+    int8 = run(world, ["base", v1.ref], out, quantize="int8")
+    assert plain.doc["settings"]["quantize"] == "none" and int8.doc["settings"]["quantize"] == "int8"
+    assert int8.counters["images_sampled"] == 8 and int8.counters["images_cached"] == 0  # not the bf16/fp32 images
+
+    def pixels(result, column):
+        return [
+            np.asarray(Image.open(out / im["file"])).astype(int)
+            for im in result.doc["images"]
+            if im["column"] == column
+        ]
+
+    for column in ("c0", "c1"):
+        differences = [np.abs(a - b).mean() for a, b in zip(pixels(plain, column), pixels(int8, column), strict=True)]
+        assert 0 < max(differences) < 1.0, differences  # int8 moves pixels by ~0.1 of 255 here, not the picture
+    lora_effect = np.abs(pixels(int8, "c0")[0] - pixels(int8, "c1")[0]).mean()
+    assert lora_effect > 10 * max(differences)  # the LoRA still applies on the int8 base, far beyond int8's own change
+
+
 def test_lora_scale_sweep_gives_one_column_per_scale(world, tmp_path):
     v1 = world["versions"][0]
     result = run(world, [v1.ref, "base"], tmp_path / "sweep", prompts=PROMPTS[:1], seeds=(3,), lora_scales=(0.0, 1.0))

@@ -161,6 +161,7 @@ def _nothing_written(work: Path, home: Path) -> None:
         ({"dataset": "missing.zip"}, r"dataset missing.zip does not exist"),
         ({"train": {"optimizer": "prodigy"}}, r"pip install 'finetune\[prodigy\]'"),
         ({"train": {"optimizer": "adamw8bit"}}, r"adamw8bit \(bitsandbytes\) needs a CUDA GPU"),
+        ({"train": {"quantize": "int8", "compile": True}}, r"train.compile: .* int8 .* set train.compile=false"),
     ],
 )
 def test_bad_input_fails_before_work(work, dataset_zip, finetune_home, change, message):

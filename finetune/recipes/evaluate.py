@@ -231,6 +231,8 @@ def _cache_key(identity: str, scale: float | None, prompt: str, seed: int, setti
     payload |= {k: settings[k] for k in ("steps", "width", "height", "guidance")}
     if not identity.startswith("replicate:"):
         payload |= {k: settings[k] for k in ("base_model", "max_sequence_length", "dtype")}
+        if settings.get("quantize", "none") != "none":  # only then: the keys of unquantized images stay as they were
+            payload["quantize"] = settings["quantize"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -247,7 +249,23 @@ def _sample_local(jobs: list[dict], targets: list[_Target], settings: dict, devi
     import torch
 
     counters = {"pipeline_loads": 0, "prompts_encoded": 0, "encode_calls": 0}
-    pipe = flux.load_pipeline(settings["base_model"], dtype=dtype, device=device)
+    base, quantize = settings["base_model"], None if settings["quantize"] == "none" else settings["quantize"]
+
+    # Text encoders first, alone: encode each distinct prompt once, free them, then load the transformer. So T5-XXL
+    # (9.5 GB in bf16) and the transformer never share the GPU.
+    texts = sorted({job["prompt"] for job in jobs})
+    encoders = flux.load_components(base, dtype=dtype, device=device, parts=("text_encoder", "text_encoder_2"))
+    prompt_embeds, pooled_prompt_embeds = flux.encode_prompts(encoders, texts, settings["max_sequence_length"])
+    counters["encode_calls"] += 1
+    counters["prompts_encoded"] += len(texts)
+    row = {text: i for i, text in enumerate(texts)}
+    del encoders
+    if device.type == "cuda":  # on CPU the references dropped above free the memory; a full gc pass costs ~0.5 s
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    parts = flux.load_components(base, dtype=dtype, device=device, parts=("transformer", "vae"), quantize=quantize)
+    pipe = flux.pipeline_from_components(parts)
     counters["pipeline_loads"] += 1
     pipe.set_progress_bar_config(disable=True)
     adapters: dict[int, str] = {}
@@ -268,26 +286,11 @@ def _sample_local(jobs: list[dict], targets: list[_Target], settings: dict, devi
     finally:
         diffusers_logging.set_verbosity(level)
 
-    # Text encoders are frozen: encode each distinct prompt once, then free them before sampling.
-    texts = sorted({job["prompt"] for job in jobs})
-    components = flux.FluxComponents(
-        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-        text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
-    )  # fmt: skip
-    prompt_embeds, pooled_prompt_embeds = flux.encode_prompts(components, texts, settings["max_sequence_length"])
-    counters["encode_calls"] += 1
-    counters["prompts_encoded"] += len(texts)
-    row = {text: i for i, text in enumerate(texts)}
-    del components
-    pipe.text_encoder = pipe.text_encoder_2 = None
-    if device.type == "cuda":  # on CPU the references dropped above free the memory; a full gc pass costs ~0.5 s
-        gc.collect()
-        torch.cuda.empty_cache()
-
     # In float32 the active adapter is fused into the weights for its column and unfused after (exact to ~1e-7):
     # unfused, the LoRA matmuls cost ~15-25% of a small model's forward. In bf16/fp16 adapters stay unfused, since
-    # fuse/unfuse rounding would drift the base weights; there the LoRA path is ~1% of FLUX.1's forward.
-    fuse = dtype == torch.float32
+    # fuse/unfuse rounding would drift the base weights; there the LoRA path is ~1% of FLUX.1's forward. Int8 weights
+    # are never fused into: each fuse would re-quantize them.
+    fuse = dtype == torch.float32 and quantize is None
     size = (settings["height"], settings["width"])
     active, fused = None, False
     for job in jobs:  # grouped by column, so adapters switch once per column
@@ -483,6 +486,7 @@ def evaluate(
     base_model: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str = "auto",
 ) -> EvalResult:
     """Sample ``refs`` side by side on the same prompts, seeds and settings, score them and write a report.
 
@@ -500,6 +504,8 @@ def evaluate(
         registry: a Registry or its root; None = ``$FINETUNE_HOME``.
         base_model: the base to sample on; None = the first versioned REF's (``base`` alone: FLUX.1-dev).
         device, dtype: ``auto`` = CUDA + bfloat16 when available, else CPU + float32.
+        quantize: the base transformer's weights: ``int8`` (torchao), ``none``, or ``auto`` = int8 on CUDA GPUs under
+            36 GiB (as ``train.quantize``). Images are cached per setting.
 
     Raises:
         FinetuneError: bad input (exit code 2) before sampling; a failed remote prediction (exit code 1).
@@ -562,6 +568,11 @@ def evaluate(
         "max_sequence_length": 256 if flux.is_schnell(base) else 512,
         "device": str(flux.resolve_device(device)),
         "dtype": str(flux.resolve_dtype(dtype, flux.resolve_device(device))).removeprefix("torch."),
+        "quantize": (
+            flux.resolve_quantize(quantize, flux.resolve_device(device), setting="--quantize") or "none"
+            if any(t.kind != "replicate" for t in targets)
+            else "none"
+        ),
         "scheduler": "FlowMatchEulerDiscreteScheduler (the base model's)",
         "noise": "seeded CPU torch.Generator per image",
         "clip_model": str(clip_model) if clip_model else None,

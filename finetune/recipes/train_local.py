@@ -53,6 +53,12 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     device, main = processes.device, processes.is_main_process
     optim.check_optimizer(cfg.train.optimizer, device)
     quantize = flux.resolve_quantize(cfg.train.quantize, device)
+    if quantize and cfg.train.compile:  # torch 2.13 + torchao 0.18: "output aliasing ... with subclass outputs"
+        raise FinetuneError(
+            f"train.compile: torch.compile cannot compile the blocks while their weights are int8 (train.quantize="
+            f"{cfg.train.quantize} gave int8 on {device}); set train.compile=false, or train.quantize=none on a GPU "
+            "with 40 GB or more"
+        )
     if not 1 <= cfg.lora.rank <= 256:
         raise FinetuneError(f"lora.rank: {cfg.lora.rank} is out of range; use 1 to 256")
     if cfg.train.batch_size % processes.num_processes:

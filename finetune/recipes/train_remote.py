@@ -90,6 +90,7 @@ TRAINER_FIXED = {
     "lora.targets": "all-linear",
     "train.mixed_precision": "bf16",
     "train.dtype": "bfloat16",
+    "train.quantize": "auto",  # flux-fine-tuner quantizes by its own GPU's memory (reference/local-trainers.md)
 }
 
 
