@@ -6,7 +6,8 @@ that class with a forward that, when it can, runs the same math as ``lora_linear
 and two rank-r products forward, one and four backward, and no gradient for the frozen weight. Everything else
 (adapter bookkeeping, merge, state-dict names, loading) is peft's, so checkpoints and files are unchanged. It falls
 back to peft's forward for what it does not cover: several or no active adapters, dropout in training, merged or
-disabled adapters, LoRA variants (DoRA), a trainable base layer, and mixed dtypes outside autocast.
+disabled adapters, LoRA variants (DoRA), a trainable base layer, and mixed dtypes outside autocast. A torchao int8
+base weight (``train.quantize``) is dequantized inside the node, forward and again backward, so only int8 is kept.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 __all__ = ["FusedLoraLinear", "lora_linear"]
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    """A torchao quantized weight (``train.quantize``): a traceable tensor subclass that can dequantize itself."""
+    return hasattr(type(weight), "__tensor_flatten__") and hasattr(weight, "dequantize")
+
+
+def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen weight as a plain tensor. A quantized one is dequantized here, at each use: the autograd node keeps
+    only its int8 form for backward (peft's path through torchao saves a dense copy per layer, 22 GiB for FLUX.1)."""
+    return weight.dequantize().to(dtype) if _is_quantized(weight) else weight
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -30,7 +42,8 @@ class _LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
         x2 = x.reshape(-1, x.shape[-1])
         scaled_h = torch.mm(x2, lora_a.t()).mul_(scale)  # [N, r]: s · x Aᵀ, kept for ∂L/∂B
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        w = _dense(weight, x.dtype)
+        y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
         y.addmm_(scaled_h, lora_b.t())
         ctx.save_for_backward(x2, weight, lora_a, lora_b, scaled_h)
         ctx.scale, ctx.x_shape = scale, x.shape
@@ -43,7 +56,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         u = torch.mm(g, lora_b).mul_(ctx.scale)  # [N, r]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, weight).addmm_(u, lora_a).view(ctx.x_shape)
+            grad_x = torch.mm(g, _dense(weight, g.dtype)).addmm_(u, lora_a).view(ctx.x_shape)
         grad_a = torch.mm(u.t(), x2) if ctx.needs_input_grad[3] else None
         grad_b = torch.mm(g.t(), scaled_h) if ctx.needs_input_grad[4] else None
         return grad_x, None, None, grad_a, grad_b, None
@@ -75,7 +88,7 @@ class FusedLoraLinear(PeftLoraLinear):
             return lora_linear(x, *tensors, scale)
         # What autocast does to F.linear, done once for the whole op; gradients flow back to the fp32 LoRA weights.
         dtype = torch.get_autocast_dtype(device)
-        tensors = [None if t is None else t.to(dtype) for t in tensors]
+        tensors = [t if t is None or _is_quantized(t) else t.to(dtype) for t in tensors]  # int8: cast at dequantize
         with torch.autocast(device, enabled=False):
             return lora_linear(x.to(dtype), *tensors, scale)
 
@@ -94,7 +107,7 @@ class FusedLoraLinear(PeftLoraLinear):
         if type(base) is not torch.nn.Linear:  # a quantized or nested base layer: peft knows how to call it
             return None
         weight, bias = base.weight, base.bias
-        if type(weight) is not torch.nn.Parameter:  # a quantized tensor subclass (torchao): its own linear kernels
+        if type(weight) is not torch.nn.Parameter and not _is_quantized(weight):  # another subclass: peft calls it
             return None
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             return None
