@@ -103,6 +103,10 @@ class TrainConfig:
         False, "torch.compile the transformer blocks: faster steps after a one-off compile (about a minute)."
     )
     device: str = _field("auto", "auto, cpu, cuda, cuda:N.")
+    wandb_project: str = _field(
+        "",
+        "Opt in: also log metrics and samples to this W&B project (needs wandb and WANDB_API_KEY or `wandb login`).",
+    )
 
 
 @dataclass

@@ -88,7 +88,48 @@ def test_samples_at_step_zero_and_every_n_steps(work, dataset_zip):
         assert names == ["prompt0-seed1.png", "prompt0-seed2.png"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
-    assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard, installed in the dev environment
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # installed for dev
+
+    events = EventAccumulator(str(next((run / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    val = events.Scalars("val_loss")
+    assert [e.step for e in val] == [0, 2, 4] and val[0].value == pytest.approx(rows[0]["val_loss"])
+    assert {"loss", "loss_smoothed", "lr", "s_per_it"} <= set(events.Tags()["scalars"])
+    images = events.Images("samples/prompt0")  # one grid of the prompt's seeds per sampling step
+    assert [e.step for e in images] == [0, 2, 4] and images[0].width >= 2 * 32 and images[0].height >= 32
+
+
+@pytest.mark.slow
+def test_wandb_run_logs_metrics_and_samples_and_continues_on_resume(work, dataset_zip, monkeypatch):
+    """train.wandb_project through accelerate's W&B tracker, offline (no network): the run folder gets a W&B run
+    holding the metrics and sample images, and a resumed run writes to the same W&B run id."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = tiny_config(dataset_zip, steps=4, save_every=2, output_dir="run", wandb_project="finetune-test")
+    data["sample"] = {"every": 2, "steps": 1, "size": 32, "seeds": [1], "prompts": ["a photo of [trigger]"]}
+    version = train(parse_config(data))
+    runs = sorted((work / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()  # the run's record log: keys are stored as text
+    for key in (b"finetune-test", b"val_loss", b"loss_smoothed", b"samples/prompt0", b"max_sequence_length"):
+        assert key in log, key
+    assert len(list((runs[0] / "files" / "media" / "images").rglob("*.png"))) == 3  # steps 0, 2, 4
+    assert version.lineage["config"]["train"]["wandb_project"] == "finetune-test"
+
+    shutil.rmtree(work / "run" / "checkpoints" / "step-000004")
+    train(parse_config({**data, "train": {**data["train"], "steps": 4}}), resume=True)
+    ids = {p.name.rsplit("-", 1)[1] for p in (work / "run" / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1  # the resumed run logs to the same W&B run
+
+
+def test_wandb_without_a_key_fails_before_work(work, dataset_zip, finetune_home, monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    with pytest.raises(FinetuneError, match=r"train.wandb_project: W&B needs an API key .* WANDB_API_KEY"):
+        train(parse_config(tiny_config(dataset_zip, wandb_project="p")))
+    _nothing_written(work, finetune_home)
 
 
 def test_second_run_reuses_the_cache(work, dataset_zip, finetune_home):

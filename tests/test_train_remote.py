@@ -99,6 +99,16 @@ def test_default_config_maps_without_blocking_and_explicit_unmappable_settings_a
     assert unmapped[0].startswith("lora.alpha=8") and unmapped[1].startswith("train.seed=3")
 
 
+def test_one_wandb_setting_serves_both_backends():
+    inputs, origin, unmapped = map_inputs(load_config(None, ["train.wandb_project=tok-runs", "train.quantize=auto"]))
+    assert inputs["wandb_project"] == "tok-runs" and origin["wandb_project"] == "train.wandb_project"
+    assert unmapped == []  # quantize auto is what the trainer does itself
+    inputs, origin, _ = map_inputs(load_config(None, ["train.wandb_project=a", "remote.wandb_project=b"]))
+    assert inputs["wandb_project"] == "b" and origin["wandb_project"] == "remote.wandb_project"
+    _, _, unmapped = map_inputs(load_config(None, ["train.quantize=none"]))
+    assert unmapped == ["train.quantize='none': the trainer fixes it to 'auto'"]
+
+
 def test_unmapped_settings_stop_before_anything_is_sent(replicate_stub, tmp_path, capsys):
     cfg_path = write_config(tmp_path, lora__alpha=4, train__sigma_sampling="uniform")
     assert run_cli(["train", str(cfg_path)]) == 2

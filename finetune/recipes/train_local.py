@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import importlib.util
 import json
 import logging
+import netrc
+import os
 import resource
 import time
+import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
@@ -72,7 +77,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=("bf16" if device.type == "cuda" else "no") if mixed == "auto" else mixed,
-        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,  # optional, when installed
+        log_with=_trackers(cfg, run_dir),
         project_dir=str(run_dir),
     )
     state = checkpoint.load_training_state(ckpt) if ckpt else None
@@ -115,7 +120,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         _log_to(run_dir / "train.log")
-    accelerator.init_trackers("logs")  # TensorBoard events in <run>/logs (main process only)
+    accelerator.init_trackers("logs")  # TensorBoard events in <run>/logs, W&B in <run>/wandb (main process only)
     log.info(
         "run %s: %d images, %d entries, device %s, dtype %s, base weights %s",
         run_dir,
@@ -177,7 +182,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not main, dynamic_ncols=True)
     smoothed, logged, t_loop, t_log = None, start, time.perf_counter(), time.perf_counter()
     if start == 0:
-        _evaluate(cfg, 0, transformer, val, guidance, sampling, run_dir, main)
+        _evaluate(cfg, 0, transformer, val, guidance, sampling, run_dir, accelerator)
         t_loop = t_log = time.perf_counter()
     accum = cfg.train.gradient_accumulation
     for step in range(start, cfg.train.steps):
@@ -201,7 +206,15 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
                 row = {"step": logged + i + 1, "loss": value, "loss_smoothed": smoothed}
                 _metrics(run_dir, main, {**row, "lr": scheduler.get_last_lr()[0], "s_per_it": s_per_it})
             bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mem=_peak_memory(device))
-            accelerator.log({"loss": interval[-1], "loss_smoothed": smoothed}, step=done)
+            accelerator.log(
+                {
+                    "loss": interval[-1],
+                    "loss_smoothed": smoothed,
+                    "lr": scheduler.get_last_lr()[0],
+                    "s_per_it": s_per_it,
+                },
+                step=done,
+            )
             logged, t_log = done, time.perf_counter()
         bar.update(1)
         if cfg.train.save_every and done % cfg.train.save_every == 0 or done == cfg.train.steps:
@@ -210,12 +223,12 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             accelerator.wait_for_everyone()
         if cfg.sample.every and done % cfg.sample.every == 0 and done != cfg.train.steps:
             t_eval = time.perf_counter()
-            _evaluate(cfg, done, transformer, val, guidance, sampling, run_dir, main)
+            _evaluate(cfg, done, transformer, val, guidance, sampling, run_dir, accelerator)
             t_log += time.perf_counter() - t_eval  # s/it counts training steps only
             t_loop += time.perf_counter() - t_eval
     bar.close()
     train_s = time.perf_counter() - t_loop
-    _evaluate(cfg, cfg.train.steps, transformer, val, guidance, sampling, run_dir, main)
+    _evaluate(cfg, cfg.train.steps, transformer, val, guidance, sampling, run_dir, accelerator)
 
     # ---- register: the main process adds the version, the others read it back ------------------------------------
     ref = [None]
@@ -483,13 +496,15 @@ def _sampling(cfg, c, transformer, text, prompts, run_dir) -> dict | None:
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # a few eval shapes are not worth compiling (no-op when not compiled)
-def _evaluate(cfg, step, transformer, val, guidance, sampling, run_dir, main) -> None:
-    """Fixed-σ validation loss and sample images (main process; the bare model, so no collective is needed)."""
-    if not main:
+def _evaluate(cfg, step, transformer, val, guidance, sampling, run_dir, accelerator) -> None:
+    """Fixed-σ validation loss and sample images (main process; the bare model, so no collective is needed), into
+    metrics.jsonl, samples/ and the trackers."""
+    if not accelerator.is_main_process:
         return
     transformer.eval()
     val_loss = sum(_flow_loss(transformer, b, guidance).item() for b in val) / max(1, len(val))
-    _metrics(run_dir, main, {"step": step, "val_loss": val_loss})
+    _metrics(run_dir, True, {"step": step, "val_loss": val_loss})
+    accelerator.log({"val_loss": val_loss}, step=step)
     if sampling is not None:
         images = flux.sample_images(
             sampling["pipe"],
@@ -504,9 +519,54 @@ def _evaluate(cfg, step, transformer, val, guidance, sampling, run_dir, main) ->
         folder = run_dir / "samples" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         jobs = [(p, s) for p in range(len(sampling["prompts"])) for s in cfg.sample.seeds]
+        by_prompt: dict[str, list] = {}
         for (p, s), image in zip(jobs, images, strict=True):
             image.save(folder / f"prompt{p}-seed{s}.png")
+            by_prompt.setdefault(f"samples/prompt{p}", []).append(image)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":  # SummaryWriter.add_images wants one uint8 array, NHWC here
+                arrays = {k: np.stack([np.asarray(im) for im in v]) for k, v in by_prompt.items()}
+                tracker.log_images(arrays, step=step, dataformats="NHWC")
+            else:
+                tracker.log_images(by_prompt, step=step)
     transformer.train()
+
+
+def _trackers(cfg: Config, run_dir: Path) -> list:
+    """accelerate trackers: TensorBoard when it is installed (events in <run>/logs) and W&B when
+    ``train.wandb_project`` is set (checked here, before any model loads; the same W&B run continues on resume)."""
+    trackers: list = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    project = cfg.train.wandb_project
+    if not project:
+        return trackers
+    if importlib.util.find_spec("wandb") is None:
+        raise FinetuneError(
+            "train.wandb_project: logging to W&B needs the wandb package, which is not installed; run "
+            "`pip install 'finetune[wandb]'`, or leave train.wandb_project empty"
+        )
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    keyless = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+    if not (keyless or os.environ.get("WANDB_API_KEY") or _netrc_login(host)):
+        raise FinetuneError(
+            f"train.wandb_project: W&B needs an API key for {host}: set WANDB_API_KEY or run `wandb login` once "
+            "(WANDB_MODE=offline logs to <run>/wandb without one)"
+        )
+    from accelerate.tracking import WandBTracker
+
+    run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    config = config_to_dict(cfg)
+    trackers.append(
+        WandBTracker(project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
+    )
+    return trackers
+
+
+def _netrc_login(host: str | None) -> bool:
+    """Whether ~/.netrc holds a login for ``host`` (where `wandb login` stores the key)."""
+    try:
+        return netrc.netrc().authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _metrics(run_dir: Path, main: bool, row: dict) -> None:
