@@ -356,6 +356,7 @@ def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, 
         env=_env(multi_home),
         capture_output=True,
         text=True,
+        timeout=300,  # a process-group hang at exit fails here (it takes ~15 s), not at CI's time limit
     )
     assert two.returncode == 0, two.stderr[-3000:]
     versions = Registry(multi_home).versions("me/tok")

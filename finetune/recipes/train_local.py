@@ -259,6 +259,13 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         log.info("registered %s", ref[0])
     accelerator.wait_for_everyone()
     ref = broadcast_object_list(ref)
+    # Every process drops its DDP wrapper while the process group is alive, then waits for the others; only then does
+    # end_training destroy the group. A DDP wrapper freed after that holds the group's last reference, and a gloo
+    # group destroyed after its peer has exited can wait forever in its destructor (seen with 2 CPU processes).
+    model = optimizer = None
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return registry.resolve(ref[0])
 
