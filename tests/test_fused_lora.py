@@ -121,15 +121,18 @@ def _int_values(w: torch.Tensor) -> torch.Tensor:
     return w.qdata.float()
 
 
-def test_int8_base_weights_are_dequantized_inside_the_node_and_only_int8_is_kept():
-    """A torchao int8 weight is dequantized per use inside the fused node: the same loss and gradients as peft's path
-    through torchao's kernels, but no dense copy of any weight is saved for backward (peft's path saves one each)."""
+@pytest.mark.parametrize("group_size", [None, 8])  # per row (train.quantize), per group of 8 (generic dequantize)
+def test_int8_base_weights_are_used_inside_the_node_and_only_int8_is_kept(group_size):
+    """A torchao int8 weight is used as int8 inside the fused node (per row: cast, scaled on the small side; other
+    layouts: dequantized per use): the same loss and gradients as peft's path through torchao's kernels, but no dense
+    copy of any weight is saved for backward (peft's path saves one each)."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup, PerRow
 
     models = []
     for fused in (True, False):
         model = tiny_transformer()
-        quantize_(model, Int8WeightOnlyConfig())
+        quantize_(model, Int8WeightOnlyConfig(granularity=PerRow() if group_size is None else PerGroup(group_size)))
         L.add_lora(model, rank=4, alpha=8.0, targets="all-linear", seed=0, fused=fused)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -138,13 +141,18 @@ def test_int8_base_weights_are_dequantized_inside_the_node_and_only_int8_is_kept
         models.append(model)
     layer = models[0].transformer_blocks[0].attn.to_q
     assert type(layer) is FusedLoraLinear and layer._fused_inputs(torch.randn(1, 4, layer.in_features), (), {})
+    assert layer._per_row_int8(layer.base_layer.weight) is (group_size is None)
     # Dense forms of each int8 weight: dequantized, or its int8 values as floats (torchao's kernel scales after the mm)
     int8 = [m.base_layer.weight for m in models[1].modules() if hasattr(m, "lora_A")]  # the LoRA layers' bases
     dense = [f(w) for w in int8 for f in (_dequantized, _int_values)]
 
     def is_weight_copy(t: torch.Tensor) -> bool:
-        return type(t) is torch.Tensor and any(
-            torch.equal(t, w) or torch.equal(t, w.t()) for w in dense if t.numel() == w.numel() and t.dim() == 2
+        return (
+            type(t) is torch.Tensor
+            and t.is_floating_point()
+            and any(
+                torch.equal(t, w) or torch.equal(t, w.t()) for w in dense if t.numel() == w.numel() and t.dim() == 2
+            )
         )
 
     results, copies = [], []
