@@ -100,9 +100,9 @@ def test_samples_at_step_zero_and_every_n_steps(work, dataset_zip):
 
 
 @pytest.mark.slow
-def test_wandb_run_logs_metrics_and_samples_and_continues_on_resume(work, dataset_zip, monkeypatch):
+def test_wandb_run_logs_metrics_and_samples_and_a_resume_gets_its_own_run(work, dataset_zip, monkeypatch):
     """train.wandb_project through accelerate's W&B tracker, offline (no network): the run folder gets a W&B run
-    holding the metrics and sample images, and a resumed run writes to the same W&B run id."""
+    holding the metrics and sample images; a resumed run is a new W&B run named after its checkpoint."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     data = tiny_config(dataset_zip, steps=4, save_every=2, output_dir="run", wandb_project="finetune-test")
@@ -117,9 +117,11 @@ def test_wandb_run_logs_metrics_and_samples_and_continues_on_resume(work, datase
     assert version.lineage["config"]["train"]["wandb_project"] == "finetune-test"
 
     shutil.rmtree(work / "run" / "checkpoints" / "step-000004")
-    train(parse_config({**data, "train": {**data["train"], "steps": 4}}), resume=True)
-    ids = {p.name.rsplit("-", 1)[1] for p in (work / "run" / "wandb").glob("offline-run-*")}
-    assert len(ids) == 1  # the resumed run logs to the same W&B run
+    train(parse_config({**data, "train": {**data["train"], "wandb_project": "renamed"}}), resume=True)  # resumable
+    resumed = sorted(set((work / "run" / "wandb").glob("offline-run-*")) - set(runs))
+    assert len(resumed) == 1  # a new W&B run (W&B drops steps 3-4 logged again into the first), in the same group
+    log = next(resumed[0].glob("run-*.wandb")).read_bytes()
+    assert b"run (from step-000002)" in log and b"renamed" in log and b"val_loss" in log
 
 
 def test_wandb_without_a_key_fails_before_work(work, dataset_zip, finetune_home, monkeypatch, tmp_path):

@@ -45,7 +45,15 @@ log = logging.getLogger("finetune.train")
 LOG_EVERY = 10  # steps between host reads of the loss (one device sync per interval, not per step)
 VAL_SIGMAS = (0.25, 0.5, 0.75)  # fixed-σ validation loss (ai-toolkit/kohya pattern, reference/local-trainers.md §9)
 VAL_ITEMS = 4
-RESUMABLE_CHANGES = ("train.save_every", "train.keep_checkpoints", "train.output_dir", "train.cache_dir", "sample.")
+# Settings a resumed run may change: where and how often things are written and logged, never what is trained.
+RESUMABLE_CHANGES = (
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.output_dir",
+    "train.cache_dir",
+    "train.wandb_project",
+    "sample.",
+)
 
 
 def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None = None) -> Version:
@@ -77,7 +85,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=("bf16" if device.type == "cuda" else "no") if mixed == "auto" else mixed,
-        log_with=_trackers(cfg, run_dir),
+        log_with=_trackers(cfg, run_dir, ckpt),
         project_dir=str(run_dir),
     )
     state = checkpoint.load_training_state(ckpt) if ckpt else None
@@ -539,9 +547,11 @@ def _evaluate(cfg, step, transformer, val, guidance, sampling, run_dir, accelera
     transformer.train()
 
 
-def _trackers(cfg: Config, run_dir: Path) -> list:
+def _trackers(cfg: Config, run_dir: Path, ckpt: Path | None) -> list:
     """accelerate trackers: TensorBoard when it is installed (events in <run>/logs) and W&B when
-    ``train.wandb_project`` is set (checked here, before any model loads; the same W&B run continues on resume)."""
+    ``train.wandb_project`` is set (checked here, before any model loads). A resumed run is a new W&B run in the
+    run folder's group: W&B drops steps at or below a run's last one, and a resume repeats the steps after its
+    checkpoint."""
     trackers: list = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     project = cfg.train.wandb_project
     if not project:
@@ -560,11 +570,10 @@ def _trackers(cfg: Config, run_dir: Path) -> list:
         )
     from accelerate.tracking import WandBTracker
 
-    run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16] + (f"-{ckpt.name}" if ckpt else "")
+    name = run_dir.name + (f" (from {ckpt.name})" if ckpt else "")
     config = config_to_dict(cfg)
-    trackers.append(
-        WandBTracker(project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
-    )
+    trackers.append(WandBTracker(project, name=name, id=run_id, group=run_dir.name, dir=str(run_dir), config=config))
     return trackers
 
 
