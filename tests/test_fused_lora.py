@@ -167,3 +167,11 @@ def test_int8_base_weights_are_used_inside_the_node_and_only_int8_is_kept(group_
     assert len(grads_f) == 2 * 20 and all(grads_f[n].abs().max() > 0 for n in grads_f)  # through every int8 layer
     for name in grads_f:
         torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # Under bf16 autocast (the trainer's mode on CUDA) the int8 node casts Q to bf16 and keeps fp32 LoRA gradients.
+    for model in models:
+        model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (loss_f, grads_f), (loss_p, grads_p) = (loss_and_grads(m) for m in models)
+    torch.testing.assert_close(loss_f.float(), loss_p.float(), rtol=3e-2, atol=1e-3)
+    assert all(g.dtype == torch.float32 and g.abs().max() > 0 for g in grads_f.values())
