@@ -62,6 +62,9 @@ class LoraConfig:
         "'all-linear' (every Linear in the transformer blocks), 'attention', or a list of module-name suffixes.",
     )
     dropout: float = _field(0.0, "LoRA dropout probability.", ge=0.0, le=1.0)
+    save_dtype: Literal["bfloat16", "float16", "float32"] = _field(
+        "bfloat16", "dtype of the registered LoRA file (half of float32's size); checkpoints always keep float32."
+    )
 
 
 @dataclass

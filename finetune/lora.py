@@ -356,16 +356,22 @@ def save_lora(
     base_model: str,
     trigger_word: str,
     targets: str | list[str],
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the LoRA file (the contract in this module's docstring) atomically, in a fixed byte form.
 
-    ``.alpha`` tensors already in ``state_dict`` are dropped and re-derived from ``alpha``.
+    ``.alpha`` tensors already in ``state_dict`` are dropped and re-derived from ``alpha`` (always float32).
+    ``dtype`` casts the A/B tensors (None keeps theirs).
     """
     import torch
 
     modules = _modules_of(state_dict, "save_lora")
     _check_rank(modules, rank, "save_lora")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if not k.endswith(".alpha")}
+    tensors = {
+        k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
+        for k, v in state_dict.items()
+        if not k.endswith(".alpha")
+    }
     metadata = {
         "format": "pt",
         "finetune.rank": str(int(rank)),

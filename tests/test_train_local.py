@@ -134,6 +134,19 @@ def test_wandb_without_a_key_fails_before_work(work, dataset_zip, finetune_home,
     _nothing_written(work, finetune_home)
 
 
+def test_the_registered_file_is_bf16_and_the_checkpoint_keeps_float32(work, dataset_zip):
+    version = train(parse_config(tiny_config(dataset_zip, steps=2, output_dir="run")))
+    final, _ = load_lora_file(version.lora_path)
+    exact, _ = load_lora_file(work / "run" / "checkpoints" / "step-000002" / "lora.safetensors")
+    assert final.keys() == exact.keys() and {t.dtype for t in exact.values()} == {torch.float32}
+    assert {t.dtype for k, t in final.items()} == {torch.bfloat16}
+    for key in final:  # the same weights, rounded once
+        assert torch.equal(final[key], exact[key].to(torch.bfloat16)), key
+    assert (
+        version.lora_path.stat().st_size < 0.6 * (work / "run/checkpoints/step-000002/lora.safetensors").stat().st_size
+    )
+
+
 def test_second_run_reuses_the_cache(work, dataset_zip, finetune_home):
     cfg = parse_config(tiny_config(dataset_zip, steps=1))
     train(cfg)
@@ -334,6 +347,7 @@ def test_loss_falls(work, finetune_home, seed):
 @pytest.mark.parametrize("quantize", ["none", "int8"])  # int8 weights are never broadcast: DDP syncs only the LoRA
 def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, quantize):
     data = tiny_config(dataset_zip, steps=4, batch_size=2, save_every=2, quantize=quantize)
+    data["lora"] = {"save_dtype": "float32"}  # compare the trained weights, not their bf16 rounding
     config = work / "cfg.yaml"
     config.write_text(yaml.safe_dump(data))
     single_home, multi_home = tmp_path / "single", tmp_path / "multi"
@@ -379,9 +393,10 @@ def test_compiled_run_trains_the_same_lora(work, dataset_zip):
     """train.compile=true (regional, dynamic over the buckets) gives the eager run's LoRA within float tolerance."""
     from torch._dynamo.utils import counters
 
-    eager = train(parse_config(tiny_config(dataset_zip, output_dir="eager")))
+    fp32 = {"lora": {"save_dtype": "float32"}}  # compare the trained weights, not their bf16 rounding
+    eager = train(parse_config(tiny_config(dataset_zip, output_dir="eager") | fp32))
     counters.clear()
-    compiled = train(parse_config(tiny_config(dataset_zip, output_dir="compiled", compile=True)))
+    compiled = train(parse_config(tiny_config(dataset_zip, output_dir="compiled", compile=True) | fp32))
     assert counters["stats"]["unique_graphs"] >= 2  # a double-block and a single-block graph really were compiled
     assert compiled.lineage["config"]["train"]["compile"] is True
     a, b = load_file(str(eager.lora_path)), load_file(str(compiled.lora_path))

@@ -52,6 +52,7 @@ RESUMABLE_CHANGES = (
     "train.output_dir",
     "train.cache_dir",
     "train.wandb_project",
+    "lora.save_dtype",
     "sample.",
 )
 
@@ -249,6 +250,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             base_model=cfg.base_model,
             trigger_word=cfg.trigger_word,
             targets=cfg.lora.targets,
+            dtype=flux.resolve_dtype(cfg.lora.save_dtype, "cpu"),
         )
         timings = {"total_s": time.perf_counter() - t0, "cache_s": cache_s, "train_s": train_s}
         timings["s_per_step"] = train_s / max(1, cfg.train.steps - start)

@@ -77,6 +77,7 @@ LOCAL_ONLY = {
     "train.output_dir",
     "train.compile",
     "train.keep_checkpoints",
+    "lora.save_dtype",  # the registered file is the trainer's own
     "backend",
     "output",
     "dataset",
