@@ -12,13 +12,12 @@ base weight (``train.quantize``) is dequantized inside the node, forward and aga
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-__all__ = ["FusedLoraLinear", "lora_linear"]
+__all__ = ["FusedLoraLinear", "lora_linear", "prepare_int8_for_compile"]
 
 
 def _is_quantized(weight: torch.Tensor) -> bool:
@@ -102,6 +101,24 @@ def lora_linear(
     return _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scale, row_scale)
 
 
+def prepare_int8_for_compile(module: torch.nn.Module, block_classes: list[str]) -> list[str]:
+    """Work out each fused layer's int8 layout now, eagerly (its one host read cannot be traced), and return the
+    Linears in ``block_classes`` blocks whose quantized weight would still reach torch.compile as a tensor subclass,
+    which it cannot compile (torch 2.13, torchao 0.18): those with no LoRA, or not the per-row int8 layout."""
+    fused = {
+        id(layer.base_layer)
+        for layer in module.modules()
+        if isinstance(layer, FusedLoraLinear) and layer._per_row_int8(layer.base_layer.weight)
+    }
+    left = []
+    for block_name, block in module.named_modules():
+        if type(block).__name__ in block_classes:
+            for name, linear in block.named_modules():
+                if type(linear) is torch.nn.Linear and _is_quantized(linear.weight) and id(linear) not in fused:
+                    left.append(f"{block_name}.{name}")
+    return left
+
+
 class FusedLoraLinear(PeftLoraLinear):
     """peft's LoRA Linear, with ``lora_linear`` as its forward where that is the same math."""
 
@@ -128,8 +145,8 @@ class FusedLoraLinear(PeftLoraLinear):
         """``_is_per_row_int8(weight)``, worked out once per weight object (the layout never changes, even when the
         weight moves between devices; the values are read at each use)."""
         known = self.__dict__.get("_per_row_int8_of")
-        if known is None or known[0]() is not weight:
-            known = (weakref.ref(weight), _is_per_row_int8(weight))
+        if known is None or known[0] is not weight:  # a plain reference: a weakref would stop Module.to swapping it
+            known = (weight, _is_per_row_int8(weight))
             self.__dict__["_per_row_int8_of"] = known
         return known[1]
 

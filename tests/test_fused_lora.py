@@ -142,6 +142,7 @@ def test_int8_base_weights_are_used_inside_the_node_and_only_int8_is_kept(group_
     layer = models[0].transformer_blocks[0].attn.to_q
     assert type(layer) is FusedLoraLinear and layer._fused_inputs(torch.randn(1, 4, layer.in_features), (), {})
     assert layer._per_row_int8(layer.base_layer.weight) is (group_size is None)
+    models[0].to("cpu")  # moving after the layout is cached (accelerate's prepare does): torch swaps int8 weights
     # Dense forms of each int8 weight: dequantized, or its int8 values as floats (torchao's kernel scales after the mm)
     int8 = [m.base_layer.weight for m in models[1].modules() if hasattr(m, "lora_A")]  # the LoRA layers' bases
     dense = [f(w) for w in int8 for f in (_dequantized, _int_values)]

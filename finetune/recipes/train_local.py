@@ -33,7 +33,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from finetune import cache, checkpoint, flow, flux, lora, optim
+from finetune import cache, checkpoint, flow, flux, fused_lora, lora, optim
 from finetune.config import Config, config_to_dict, dump_config
 from finetune.dataset import BatchOrder, Entry, assign_buckets, load_bucket_image, read_dataset, sample_seed
 from finetune.errors import EXIT_FAILURE, FinetuneError
@@ -67,11 +67,13 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     device, main = processes.device, processes.is_main_process
     optim.check_optimizer(cfg.train.optimizer, device)
     quantize = flux.resolve_quantize(cfg.train.quantize, device)
-    if quantize and cfg.train.compile:  # torch 2.13 + torchao 0.18: "output aliasing ... with subclass outputs"
+    # torch.compile cannot compile torchao's int8 tensors themselves (torch 2.13 + torchao 0.18), only the fused LoRA
+    # node that takes their int8 values: so every block Linear must be one, with no dropout (peft's path).
+    if quantize and cfg.train.compile and (cfg.lora.targets != "all-linear" or cfg.lora.dropout > 0):
         raise FinetuneError(
-            f"train.compile: torch.compile cannot compile the blocks while their weights are int8 (train.quantize="
-            f"{cfg.train.quantize} gave int8 on {device}); set train.compile=false, or train.quantize=none on a GPU "
-            "with 40 GB or more"
+            f"train.compile: with int8 base weights (train.quantize={cfg.train.quantize} on {device}) it needs "
+            f"lora.targets: all-linear and lora.dropout: 0 (got {cfg.lora.targets!r}, {cfg.lora.dropout:g}); change "
+            "those, set train.compile=false, or train.quantize=none on a GPU with 40 GB or more"
         )
     if not 1 <= cfg.lora.rank <= 256:
         raise FinetuneError(f"lora.rank: {cfg.lora.rank} is out of range; use 1 to 256")
@@ -163,6 +165,10 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     scheduler = optim.build_lr_scheduler(
         optimizer, cfg.train.lr_scheduler, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.steps
     )
+    if cfg.train.compile and quantize:
+        left = fused_lora.prepare_int8_for_compile(transformer, transformer._repeated_blocks)
+        if left:  # all-linear leaves none; say which if a model brings other Linears into its blocks
+            raise FinetuneError(f"train.compile: {len(left)} int8 Linears have no LoRA ({left[0]}, ...)")
     if cfg.train.compile:  # regional: each block class compiles once and serves all its blocks (diffusers).
         # Several bucket shapes: one graph for a dynamic sequence length (the second shape would force it anyway).
         dynamic = len({entry.bucket for entry in entries}) > 1 or None
