@@ -7,7 +7,8 @@ Measures, each section independent (an error is recorded, the others still run):
               holds the compile);
   sampling    ``flux.sample_images`` for 4 seeds of one prompt in one batch, 8 steps, at 256/512 px;
   dev_blocks  the same three steps on FLUX.1-dev's dimensions (1 double + 2 single blocks) at 1024 px, and the
-              fused step with the blocks' weights in int8 (``train.quantize: int8``; torchao), with the weights' GiB;
+              fused step with the blocks' weights in int8 (``train.quantize: int8``; torchao), eager and compiled,
+              with the weights' GiB;
   trainer     the real ``finetune.recipes.train_local.train`` at 256/512 px on 8 generated images, compile off and
               on (median s/step after the first log interval, from the run's metrics.jsonl), when it imports.
 Peak GPU memory is reported per section. T5 ``max_sequence_length`` is 64, as in issue 3's speed figures.
@@ -104,6 +105,10 @@ def _eager(
     weight_gib = _weight_gib(transformer)
     lora.add_lora(transformer, rank=16, alpha=16.0, targets="all-linear", seed=0, fused=fused)
     if compile:
+        if quantize:  # as the trainer does: int8 layouts worked out eagerly, before tracing
+            from finetune.fused_lora import prepare_int8_for_compile
+
+            assert not prepare_int8_for_compile(transformer, transformer._repeated_blocks)
         transformer.compile_repeated_blocks(fullgraph=True)
     params = lora.lora_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         _section(summary, f"sampling_{size}", device, _sampling, preset, size, device, dtype, 2 if dry else 8)
     dev_size = 64 if dry else 1024  # 4096 image tokens + 64 text tokens
     kinds = (("peft", False, False, False), ("fused", True, False, False), ("compiled", True, True, False))
-    for name, fused, compile, quantize in kinds + (("int8", True, False, True),):
+    for name, fused, compile, quantize in kinds + (("int8", True, False, True), ("int8_compiled", True, True, True)):
         call = (lambda: _dev_blocks(device, dtype, dry), dev_size, device, dtype, steps, fused, compile, quantize)
         _section(summary, f"dev_blocks_{name}_{dev_size}", device, _eager, *call)
     try:
