@@ -168,7 +168,10 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     if cfg.train.compile and quantize:
         left = fused_lora.prepare_int8_for_compile(transformer, transformer._repeated_blocks)
         if left:  # all-linear leaves none; say which if a model brings other Linears into its blocks
-            raise FinetuneError(f"train.compile: {len(left)} int8 Linears have no LoRA ({left[0]}, ...)")
+            raise FinetuneError(
+                f"train.compile: {len(left)} int8 Linears in the blocks are not fused LoRA layers ({left[0]}, ...), "
+                "and torch.compile cannot compile them; set train.compile=false or train.quantize=none"
+            )
     if cfg.train.compile:  # regional: each block class compiles once and serves all its blocks (diffusers).
         # Several bucket shapes: one graph for a dynamic sequence length (the second shape would force it anyway).
         dynamic = len({entry.bucket for entry in entries}) > 1 or None
