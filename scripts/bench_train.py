@@ -9,7 +9,8 @@ buckets), batch 1, LoRA rank 16 on every block Linear, T5 max_sequence_length 64
 - ``trainer``: ``finetune.train`` itself with the default config (cache warm, no samples); median s/step of its
   logged intervals after the first (warm-up);
 - ``compiled``: the same with ``train.compile=true``; the first interval's extra time is reported as compile time;
-- ``int8`` (only when asked for with ``--kinds``): the trainer with ``train.quantize=int8`` (torchao int8 weights);
+- ``int8``, ``int8-compiled`` (only when asked for with ``--kinds``): the trainer with ``train.quantize=int8`` (torchao
+  int8 weights), eager and with ``train.compile=true``;
 - ``ref-lora``: the trainer at the LoRA settings of diffusers' ``train_dreambooth_lora_flux.py`` (the reference
   figures in issue 3): rank 4 on ``attn.to_q/to_k/to_v/to_out.0`` only; ``ref-compiled`` the same compiled. Both
   train on square images, as the reference (which crops to squares) does;
@@ -257,6 +258,7 @@ def _child(kind: str, px: int, steps: int, threads: int, reference: Path | None 
             "trainer": lambda: _trainer(px, steps, work),
             "compiled": lambda: _trainer(px, steps, work, compile=True),
             "int8": lambda: _trainer(px, steps, work, quantize="int8"),
+            "int8-compiled": lambda: _trainer(px, steps, work, compile=True, quantize="int8"),
             "ref-lora": lambda: _trainer(px, steps, work, lora=REFERENCE_LORA),
             "ref-compiled": lambda: _trainer(px, steps, work, compile=True, lora=REFERENCE_LORA),
             "naive": lambda: _naive(px, steps, work),
@@ -296,7 +298,11 @@ def main() -> None:
         "torchvision): measured side by side as the row 'reference'",
     )
     parser.add_argument(
-        "--kinds", nargs="*", choices=KINDS + ("int8",), default=list(KINDS), help="rows to measure (all but int8)"
+        "--kinds",
+        nargs="*",
+        choices=KINDS + ("int8", "int8-compiled"),
+        default=list(KINDS),
+        help="rows to measure (all but the int8 ones)",
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -324,15 +330,15 @@ def main() -> None:
             f"\npreset:small {px} px, batch 1, rank {RANK}, T5 {SEQ} tokens, {args.threads} threads, "
             f"median of {args.rounds} rounds"
         )
-        print(f"  {'':9} {'s/step':>8} {'rounds':>26} {'peak RSS MB':>12}")
+        print(f"  {'':13} {'s/step':>8} {'rounds':>26} {'peak RSS MB':>12}")
         for kind in kinds:
             spread = " ".join(f"{x:.3f}" for x in row[kind]["rounds"])
-            print(f"  {kind:9} {row[kind]['s_per_step']:8.4f} {spread:>26} {row[kind]['peak_rss_mb']:12.0f}")
-        for kind in ("compiled", "ref-compiled"):
+            print(f"  {kind:13} {row[kind]['s_per_step']:8.4f} {spread:>26} {row[kind]['peak_rss_mb']:12.0f}")
+        for kind in ("compiled", "ref-compiled", "int8-compiled"):
             if kind in row:
                 print(f"  {kind} warm-up {row[kind]['warmup_s']:.0f} s")
         ratios = [(x, "eager") for x in ("trainer", "compiled", "ref-lora", "ref-compiled", "reference")]
-        ratios += [("int8", "trainer")]
+        ratios += [("int8", "trainer"), ("int8-compiled", "compiled"), ("int8-compiled", "int8")]
         ratios += [(x, "floor") for x in ("trainer", "compiled")] + [("naive", "trainer")]
         ratios += [(x, "reference") for x in ("trainer", "compiled", "ref-lora", "ref-compiled")]
         for a, b in ratios:
