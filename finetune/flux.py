@@ -523,18 +523,15 @@ def load_components(
                     raise FinetuneError(f"base_model: cannot load '{part}' from {folder}: {e}") from e
                 raise _missing_weights_error(base_model, part, e) from e
 
-    for module in loaded.values():
+    for part, module in loaded.items():
         if isinstance(module, torch.nn.Module):
             if preset is not None:  # built in float32; loaded parts already came in ``dtype`` (fp32-pinned parts kept)
                 torch.nn.Module.to(module, dtype=dtype)  # plain Module.to: diffusers' .to warns about an empty list
-            module.eval().requires_grad_(False)
-    if quantize and preset is not None and "transformer" in loaded:
-        from torchao.quantization import quantize_
+                if quantize and part == "transformer":  # a loaded transformer came quantized by from_pretrained
+                    from torchao.quantization import quantize_
 
-        quantize_(loaded["transformer"], _torchao_config(quantize))
-    for module in loaded.values():
-        if isinstance(module, torch.nn.Module):
-            module.to(device)
+                    quantize_(module, _torchao_config(quantize))
+            module.to(device).eval().requires_grad_(False)
     return FluxComponents(**loaded)
 
 
