@@ -7,7 +7,8 @@ and two rank-r products forward, one and four backward, and no gradient for the 
 (adapter bookkeeping, merge, state-dict names, loading) is peft's, so checkpoints and files are unchanged. It falls
 back to peft's forward for what it does not cover: several or no active adapters, dropout in training, merged or
 disabled adapters, LoRA variants (DoRA), a trainable base layer, and mixed dtypes outside autocast. A torchao int8
-base weight (``train.quantize``) is dequantized inside the node, forward and again backward, so only int8 is kept.
+base weight (``train.quantize``) is used inside the node, forward and again backward (per-row int8 cast and scaled
+on the small side, other layouts dequantized), so only its quantized form is ever kept.
 """
 
 from __future__ import annotations
