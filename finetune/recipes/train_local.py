@@ -219,19 +219,22 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         if done % LOG_EVERY == 0 or done == cfg.train.steps:  # the only host read of the loss
             interval = accelerator.reduce(losses[logged:done].clone(), "mean").tolist()
             s_per_it = (time.perf_counter() - t_log) / (done - logged)
+            lr = scheduler.get_last_lr()[0]
+            rows = []
             for i, value in enumerate(interval):
                 smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
-                row = {"step": logged + i + 1, "loss": value, "loss_smoothed": smoothed}
-                _metrics(run_dir, main, {**row, "lr": scheduler.get_last_lr()[0], "s_per_it": s_per_it})
-            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mem=_peak_memory(device))
-            accelerator.log(
-                {
-                    "loss": interval[-1],
+                row = {
+                    "step": logged + i + 1,
+                    "loss": value,
                     "loss_smoothed": smoothed,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "s_per_it": s_per_it,
-                },
-                step=done,
+                }
+                rows.append(row)
+            _metrics(run_dir, main, *rows)
+            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", mem=_peak_memory(device))
+            accelerator.log(
+                {"loss": interval[-1], "loss_smoothed": smoothed, "lr": lr, "s_per_it": s_per_it}, step=done
             )
             logged, t_log = done, time.perf_counter()
         bar.update(1)
@@ -596,10 +599,11 @@ def _netrc_login(host: str | None) -> bool:
         return False
 
 
-def _metrics(run_dir: Path, main: bool, row: dict) -> None:
+def _metrics(run_dir: Path, main: bool, *rows: dict) -> None:
+    """Append ``rows`` to metrics.jsonl (main process), in one write."""
     if main:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _peak_memory(device: torch.device) -> str:
