@@ -557,6 +557,8 @@ def evaluate(
 
     defaults = flux.default_sampling(base)
     width, height = parse_size(size if size is not None else defaults["size"])
+    device_ = flux.resolve_device(device)
+    dtype_ = flux.resolve_dtype(dtype, device_)
     settings = {
         "base_model": base,
         "steps": int(steps if steps is not None else defaults["steps"]),
@@ -566,10 +568,10 @@ def evaluate(
         "seeds": seeds,
         "lora_scales": lora_scales,
         "max_sequence_length": 256 if flux.is_schnell(base) else 512,
-        "device": str(flux.resolve_device(device)),
-        "dtype": str(flux.resolve_dtype(dtype, flux.resolve_device(device))).removeprefix("torch."),
+        "device": str(device_),
+        "dtype": str(dtype_).removeprefix("torch."),
         "quantize": (
-            flux.resolve_quantize(quantize, flux.resolve_device(device), setting="--quantize") or "none"
+            flux.resolve_quantize(quantize, device_, setting="--quantize") or "none"
             if any(t.kind != "replicate" for t in targets)
             else "none"
         ),
@@ -644,8 +646,7 @@ def evaluate(
     t0 = time.perf_counter()
     with tqdm(total=counters["images_sampled"], unit="img", desc="sampling", disable=not progress) as bar:
         if local_jobs:
-            device_ = flux.resolve_device(device)
-            counters |= _sample_local(local_jobs, targets, settings, device_, flux.resolve_dtype(dtype, device_), bar)
+            counters |= _sample_local(local_jobs, targets, settings, device_, dtype_, bar)
         if remote_jobs:
             with client:
                 counters["remote_predictions"] = _sample_remote(remote_jobs, targets, settings, client, bar)
@@ -680,7 +681,7 @@ def evaluate(
         "timings": timings,
         "counters": counters,
     }
-    scorers = metrics.Scorers(clip_model, dino_model, device=flux.resolve_device(device))
+    scorers = metrics.Scorers(clip_model, dino_model, device=device_)
     _score(doc, targets, folder, scorers, notes)
     for line in warnings + notes:  # the scorers logged their own notes when a model failed to load
         log.warning(line)
