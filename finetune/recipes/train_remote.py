@@ -152,10 +152,11 @@ def map_inputs(cfg: Config) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     if cfg.remote.hf_repo_id:
         inputs["hf_repo_id"] = cfg.remote.hf_repo_id
         origin["hf_repo_id"] = "remote.hf_repo_id"
-    wandb = bool(_wandb_project(cfg))
+    wandb_key, wandb_project = _wandb_project(cfg)
+    wandb = bool(wandb_project)
     if wandb:
-        inputs["wandb_project"] = _wandb_project(cfg)
-        origin["wandb_project"] = "remote.wandb_project" if cfg.remote.wandb_project else "train.wandb_project"
+        inputs["wandb_project"] = wandb_project
+        origin["wandb_project"] = wandb_key
         prompts = [p.replace("[trigger]", cfg.trigger_word) for p in cfg.sample.prompts]
         if prompts:
             inputs["wandb_sample_prompts"] = "\n".join(prompts)
@@ -198,15 +199,18 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-def _wandb_project(cfg: Config) -> str:
-    """One W&B setting serves both backends: ``remote.wandb_project``, else ``train.wandb_project``."""
-    return cfg.remote.wandb_project or cfg.train.wandb_project
+def _wandb_project(cfg: Config) -> tuple[str, str]:
+    """(config key, project): one W&B setting serves both backends, ``remote.wandb_project`` else
+    ``train.wandb_project``."""
+    if cfg.remote.wandb_project:
+        return "remote.wandb_project", cfg.remote.wandb_project
+    return "train.wandb_project", cfg.train.wandb_project
 
 
 def _secret_values(cfg: Config) -> dict[str, str]:
     """Secrets for the trainer, read from the environment only when the config opts in. Never stored or printed."""
-    wandb = "remote.wandb_project" if cfg.remote.wandb_project else "train.wandb_project"
-    wanted = {"hf_token": bool(cfg.remote.hf_repo_id), "wandb_api_key": bool(_wandb_project(cfg))}
+    wandb_key, wandb_project = _wandb_project(cfg)
+    wanted = {"hf_token": bool(cfg.remote.hf_repo_id), "wandb_api_key": bool(wandb_project)}
     out = {}
     for key, on in wanted.items():
         if not on:
@@ -214,7 +218,7 @@ def _secret_values(cfg: Config) -> dict[str, str]:
         var = SECRET_INPUTS[key]
         value = os.environ.get(var, "").strip()
         if not value:
-            opt = "remote.hf_repo_id" if key == "hf_token" else wandb
+            opt = "remote.hf_repo_id" if key == "hf_token" else wandb_key
             raise FinetuneError(f"{opt} is set, so the trainer needs {var}: export {var}=... or unset {opt}.")
         out[key] = value
     return out
