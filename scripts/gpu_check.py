@@ -73,12 +73,8 @@ def _dev_blocks(device: torch.device, dtype: torch.dtype, dry: bool):
 
 
 def _weight_gib(module: torch.nn.Module) -> float:
-    """Bytes held by the parameters, a quantized tensor counted by the plain tensors it is made of."""
-
-    def nbytes(t: torch.Tensor) -> int:
-        if hasattr(t, "__tensor_flatten__"):
-            return sum(nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
-        return t.numel() * t.element_size()
+    """GiB held by the parameters, a quantized tensor counted by the plain tensors it is made of."""
+    from bench_quantize import nbytes  # a sibling script: this folder is on sys.path when a script runs
 
     return round(sum(nbytes(p) for p in module.parameters()) / 2**30, 3)
 
