@@ -3,7 +3,8 @@
 Layout under the cache folder (default ``$FINETUNE_HOME/cache``, shared by all runs)::
 
     latents/<key>.safetensors   mean, std            [C, h, w] of one image in one bucket (unscaled VAE output)
-    text/<key>.safetensors      prompt_embeds [seq, D], pooled_prompt_embeds [P]   of one caption
+    text/<key>.safetensors      the family's text tensors of one caption (FLUX.1: prompt_embeds [seq, D] and
+                                pooled_prompt_embeds [P]; FLUX.2: prompt_embeds [seq, 3·D])
 
 A key is the sha256 of everything that changes the tensors: the content (image sha256 or caption text), the
 identity of the weights that encoded it (preset name, hub snapshot commit, or the files of a local folder), the
@@ -32,7 +33,6 @@ __all__ = [
     "check_free_space",
     "default_cache_dir",
     "estimate_latent_bytes",
-    "estimate_text_bytes",
     "latent_file",
     "latent_key",
     "read_tensors",
@@ -85,9 +85,11 @@ def latent_key(identity: str, image_sha256: str, bucket: tuple[int, int], dtype:
     return _key("latent-v1", identity, image_sha256, f"{bucket[0]}x{bucket[1]}", dtype)
 
 
-def text_key(identity: str, caption: str, max_sequence_length: int, dtype: torch.dtype) -> str:
-    """Key of one caption's CLIP pooled + T5 embeddings at ``max_sequence_length`` tokens in ``dtype``."""
-    return _key("text-v1", identity, hashlib.sha256(caption.encode()).hexdigest(), max_sequence_length, dtype)
+def text_key(identity: str, caption: str, max_sequence_length: int, dtype: torch.dtype, family: str = "flux1") -> str:
+    """Key of one caption's text embeddings at ``max_sequence_length`` tokens in ``dtype``, as ``family`` encodes
+    them (FLUX.1 keys predate families and stay as they were, so existing caches remain valid)."""
+    fields = ("text-v1", identity, hashlib.sha256(caption.encode()).hexdigest(), max_sequence_length, dtype)
+    return _key(*fields) if family == "flux1" else _key(*fields, family)
 
 
 def latent_file(cache_dir: Path, key: str) -> Path:
@@ -112,11 +114,6 @@ def estimate_latent_bytes(
 ) -> int:
     """Bytes of mean + std for one latent per bucket (w, h) in pixels."""
     return sum(2 * latent_channels * (w // vae_scale_factor) * (h // vae_scale_factor) * itemsize for w, h in buckets)
-
-
-def estimate_text_bytes(count: int, max_sequence_length: int, text_dim: int, pooled_dim: int, itemsize: int) -> int:
-    """Bytes of ``count`` cached captions: T5 hidden states [seq, D] plus the CLIP pooled vector [P]."""
-    return count * (max_sequence_length * text_dim + pooled_dim) * itemsize
 
 
 def check_free_space(cache_dir: Path, needed: int) -> None:
@@ -168,15 +165,15 @@ def cache_latents(
 def cache_texts(
     cache_dir: Path,
     jobs: Sequence[tuple[str, str]],
-    encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
+    encode: Callable[[list[str]], dict[str, torch.Tensor]],
     batch_size: int = 8,
 ) -> None:
-    """Encode and store each missing caption; ``jobs`` are (key, caption), ``encode`` maps captions to
-    (prompt_embeds [B, seq, D], pooled_prompt_embeds [B, P])."""
+    """Encode and store each missing caption; ``jobs`` are (key, caption), ``encode`` maps captions to the family's
+    named text tensors (FLUX.1: ``prompt_embeds`` [B, seq, D] and ``pooled_prompt_embeds`` [B, P])."""
     todo = list({k: c for k, c in jobs if not text_file(cache_dir, k).is_file()}.items())
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         with torch.no_grad():
-            embeds, pooled = encode([c for _, c in chunk])
+            tensors = encode([c for _, c in chunk])
         for i, (key, _) in enumerate(chunk):
-            write_tensors(text_file(cache_dir, key), {"prompt_embeds": embeds[i], "pooled_prompt_embeds": pooled[i]})
+            write_tensors(text_file(cache_dir, key), {name: t[i] for name, t in tensors.items()})

@@ -32,7 +32,6 @@ __all__ = [
     "parse_config",
 ]
 
-PRESETS = ("preset:tiny", "preset:small")
 DEFAULT_PROMPTS = (
     "a photo of [trigger]",
     "a photo of [trigger] on a beach at sunset",
@@ -96,8 +95,15 @@ class TrainConfig:
         "flux_shift (logit-normal + resolution shift), logit_normal, uniform, or shift=N (fixed shift).",
         pattern=SIGMA_SAMPLING_RE,
     )
-    guidance: float = _field(1.0, "Guidance embedding while training FLUX.1-dev (ignored by schnell).", ge=0.0)
-    max_sequence_length: int = _field(0, "T5 tokens; 0 = 512 for dev, 256 for schnell.", ge=0, le=512)
+    guidance: float = _field(
+        1.0, "Guidance embedding while training FLUX.1-dev and FLUX.2-dev (schnell and klein have none).", ge=0.0
+    )
+    max_sequence_length: int = _field(
+        0, "Text tokens; 0 = the family's: 512 (FLUX.1-dev, FLUX.2), 256 (FLUX.1-schnell).", ge=0, le=512
+    )
+    allow_distilled: bool = _field(
+        False, "Train on a step-distilled FLUX.2 [klein] checkpoint anyway (LoRAs trained on it collapse)."
+    )
     save_every: int = _field(250, "Checkpoint every N steps; 0 saves only at the end.", ge=0)
     keep_checkpoints: int = _field(3, "Keep the newest N checkpoints of a run, delete older ones; 0 keeps all.", ge=0)
     cache_dir: str = _field("", "Latent/text cache; empty = $FINETUNE_HOME/cache, shared by all runs.")
@@ -138,7 +144,9 @@ class RemoteConfig:
 @dataclass
 class Config:
     base_model: str = _field(
-        "black-forest-labs/FLUX.1-dev", "Hub id, local folder, or preset:tiny|preset:small (random weights)."
+        "black-forest-labs/FLUX.1-dev",
+        "Hub id, local diffusers folder, or a random-weight preset: preset:tiny|small (FLUX.1), "
+        "preset:flux2-tiny|flux2-small|flux2-dev-tiny (FLUX.2).",
     )
     output: str = _field("local/flux-lora", "Registry model (owner/name) that receives the new version.")
     dataset: str = _field("", "Dataset zip from `finetune prepare` (or an https:// URL for the remote backend).")
@@ -150,15 +158,6 @@ class Config:
     remote: RemoteConfig = field(default_factory=RemoteConfig, metadata=_meta("Replicate backend."))
     explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False, metadata={"internal": True})
     """Dotted keys the user set (in the file or as overrides); the remote backend reports those it cannot honour."""
-
-    @property
-    def is_schnell(self) -> bool:
-        return "schnell" in self.base_model.lower()
-
-    @property
-    def sequence_length(self) -> int:
-        """T5 tokens: the configured value, else 256 for schnell and 512 for dev (reference/local-trainers.md §0)."""
-        return self.train.max_sequence_length or (256 if self.is_schnell else 512)
 
 
 class ConfigError(ValueError):

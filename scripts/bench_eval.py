@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from finetune import flux, lora, metrics
+from finetune import lora, metrics
 from finetune.files import sha256_file
+from finetune.models import flux1 as flux
 from finetune.recipes.evaluate import evaluate
 from finetune.registry import Registry
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-import finetune.flux  # noqa: F401  (first: it quiets torchao's import-time logging, as in every finetune run)
+import finetune.models.common  # noqa: F401  (first: it quiets torchao's import-time logging, as in every finetune run)
 
 DEV = dict(attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768)
 DOUBLE, SINGLE = 19, 38  # FLUX.1-dev's block counts
@@ -70,7 +70,8 @@ def step_child(kind: str) -> None:
     """One training step of ``kind`` (fp32, int8, int8-peft); prints RESULT {weights_mib, step_peak_mib, s}."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    from finetune import flux, lora
+    from finetune import lora
+    from finetune.models import flux1 as flux
 
     model = build(torch.float32)
     if kind != "fp32":

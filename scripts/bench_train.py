@@ -112,7 +112,8 @@ def _setup(px: int, fused: bool = False):
     inputs (the trainer's shapes)."""
     import torch
 
-    from finetune import flow, flux, lora
+    from finetune import flow, lora
+    from finetune.models import flux1 as flux
 
     c = flux.build_preset("small")
     lora.add_lora(c.transformer, rank=RANK, alpha=RANK, targets="all-linear", seed=0, fused=fused)
@@ -137,7 +138,8 @@ def _setup(px: int, fused: bool = False):
 def _transformer_step(c, params, opt, latents, noise, sigmas, inputs) -> None:
     import torch.nn.functional as F
 
-    from finetune import flow, flux
+    from finetune import flow
+    from finetune.models import flux1 as flux
 
     noisy = flow.add_noise(latents, noise, sigmas)
     pred = c.transformer(hidden_states=flux.pack_latents(noisy), timestep=sigmas, return_dict=False, **inputs)[0]
@@ -168,7 +170,7 @@ def _naive(px: int, steps: int, work: Path) -> dict:
     """Encode image and caption every step (no cache), then the same transformer step."""
     import torch
 
-    from finetune import flux
+    from finetune.models import flux1 as flux
 
     c, params, opt, _, noise, sigmas, inputs = _setup(px)
     pixels = torch.rand(1, 3, px, px) * 2 - 1
@@ -177,8 +179,12 @@ def _naive(px: int, steps: int, work: Path) -> dict:
     def step():
         mean, std = flux.encode_images(c.vae, pixels)
         latents = flux.normalize_latents(mean + std * torch.randn_like(std), c.vae.config)
-        embeds, pooled = flux.encode_prompts(c, caption, SEQ)
-        fresh = {**inputs, "encoder_hidden_states": embeds, "pooled_projections": pooled}
+        text = flux.encode_prompts(c, caption, SEQ)
+        fresh = {
+            **inputs,
+            "encoder_hidden_states": text["prompt_embeds"],
+            "pooled_projections": text["pooled_prompt_embeds"],
+        }
         _transformer_step(c, params, opt, latents, noise, sigmas, fresh)
 
     return {"s_per_step": statistics.median(_timed(step, steps))}
@@ -221,7 +227,7 @@ def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
     so setup cancels."""
     import zipfile
 
-    from finetune import flux
+    from finetune.models import flux1 as flux
 
     model, images = flux.save_preset("small", work / "preset-small"), work / "images"
     images.mkdir()

@@ -49,7 +49,7 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 def _build(preset: str, device: torch.device, dtype: torch.dtype) -> dict:
-    from finetune import flux
+    from finetune.models import flux1 as flux
 
     t = time.perf_counter()
     c = flux.load_components(f"preset:{preset}", dtype=dtype, device=device)
@@ -91,7 +91,8 @@ def _eager(
 ) -> dict:
     """Transformer-only LoRA steps: peft's layer (``fused=False``) or the trainer's, optionally regional-compiled or
     with int8 base weights (as ``train.quantize: int8`` loads them)."""
-    from finetune import flux, lora
+    from finetune import lora
+    from finetune.models import flux1 as flux
 
     transformer = build()
     if quantize:
@@ -150,7 +151,7 @@ def _eager(
 
 
 def _sampling(preset: str, size: int, device: torch.device, dtype: torch.dtype, steps: int) -> dict:
-    from finetune import flux
+    from finetune.models import flux1 as flux
 
     pipe = flux.load_pipeline(f"preset:{preset}", dtype=dtype, device=device)
     kw = dict(steps=steps, size=size, guidance=3.5, max_sequence_length=SEQ)
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     _section(summary, "build", device, _build, preset, device, dtype)
 
     def small():
-        from finetune import flux
+        from finetune.models import flux1 as flux
 
         return flux.load_components(f"preset:{preset}", dtype=dtype, device=device, parts=("transformer",)).transformer
 

@@ -85,7 +85,7 @@ def finetune_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_preset_dir(tmp_path_factory) -> Path:
     """preset:tiny (seed 0) saved once per session as a diffusers folder; load it by path (read-only: don't edit)."""
-    from finetune.flux import save_preset
+    from finetune.models.flux1 import save_preset
 
     return save_preset("tiny", tmp_path_factory.mktemp("flux") / "tiny")
 

@@ -14,7 +14,6 @@ from finetune.cache import (
     check_free_space,
     default_cache_dir,
     estimate_latent_bytes,
-    estimate_text_bytes,
     latent_file,
     latent_key,
     read_tensors,
@@ -90,7 +89,7 @@ def test_cache_texts_dedupes_and_reuses(tmp_path):
     def encode(captions):
         seen.extend(captions)
         n = len(captions)
-        return torch.arange(n * 6, dtype=torch.float32).view(n, 3, 2), torch.zeros(n, 4)
+        return {"prompt_embeds": torch.arange(n * 6, dtype=torch.float32).view(n, 3, 2), "pooled": torch.zeros(n, 4)}
 
     keys = {c: text_key("x", c, 3, torch.float32) for c in ["", "a TOK", "b TOK"]}
     cache_texts(tmp_path, [(keys[c], c) for c in ["a TOK", "b TOK", "a TOK", ""]], encode)
@@ -105,7 +104,6 @@ def test_estimates_count_bytes():
     assert estimate_latent_bytes([(32, 16), (16, 16)], latent_channels=16, vae_scale_factor=8, itemsize=4) == (
         2 * 16 * (4 * 2 + 2 * 2) * 4
     )
-    assert estimate_text_bytes(3, 512, 4096, 768, 2) == 3 * (512 * 4096 + 768) * 2
 
 
 def test_no_free_space_is_a_clear_error(tmp_path, monkeypatch):

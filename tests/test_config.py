@@ -61,12 +61,6 @@ def test_bad_yaml_and_missing_file_name_the_file(tmp_path):
         load_config(write(tmp_path, "- 1\n"))
 
 
-def test_sequence_length_follows_the_base_model():
-    assert Config().sequence_length == 512
-    assert parse_config({"base_model": "black-forest-labs/FLUX.1-schnell"}).sequence_length == 256
-    assert parse_config({"train": {"max_sequence_length": 64}}).sequence_length == 64
-
-
 def test_sigma_sampling_modes():
     assert parse_config({"train": {"sigma_sampling": "shift=3.0"}}).train.sigma_sampling == "shift=3.0"
     with pytest.raises(ConfigError, match="train.sigma_sampling"):

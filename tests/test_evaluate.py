@@ -14,7 +14,7 @@ from finetune import lora
 from finetune.cli import main
 from finetune.errors import FinetuneError
 from finetune.files import sha256_file
-from finetune.flux import build_preset
+from finetune.models.flux1 import build_preset
 from finetune.recipes.evaluate import evaluate, parse_size, read_prompt_file
 from finetune.registry import Registry
 

@@ -13,9 +13,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-from finetune import flux
 from finetune import lora as L
 from finetune.errors import FinetuneError
+from finetune.models import flux1 as flux
 
 DOUBLE = [
     "norm1.linear",

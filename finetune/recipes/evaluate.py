@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune import flux, metrics, report
+from finetune import metrics, models, report
 from finetune.errors import EXIT_FAILURE, FinetuneError
 from finetune.files import sha256_file, write_atomic
 from finetune.registry import Registry, RegistryError
@@ -254,18 +254,20 @@ def _sample_local(jobs: list[dict], targets: list[_Target], settings: dict, devi
     # Text encoders first, alone: encode each distinct prompt once, free them, then load the transformer. So T5-XXL
     # (9.5 GB in bf16) and the transformer never share the GPU.
     texts = sorted({job["prompt"] for job in jobs})
-    encoders = flux.load_components(base, dtype=dtype, device=device, parts=("text_encoder", "text_encoder_2"))
-    prompt_embeds, pooled_prompt_embeds = flux.encode_prompts(encoders, texts, settings["max_sequence_length"])
+    family = models.family_for(base)
+    encoders = family.load_components(base, dtype=dtype, device=device, parts=family.TEXT_PARTS)
+    negative = [""] if family.TRUE_CFG else []  # true CFG's negative prompt, encoded with the rest
+    text = family.encode_prompts(encoders, texts + negative, settings["max_sequence_length"])
     counters["encode_calls"] += 1
     counters["prompts_encoded"] += len(texts)
-    row = {text: i for i, text in enumerate(texts)}
+    row = {t: i for i, t in enumerate(texts)}
     del encoders
     if device.type == "cuda":  # on CPU the references dropped above free the memory; a full gc pass costs ~0.5 s
         gc.collect()
         torch.cuda.empty_cache()
 
-    parts = flux.load_components(base, dtype=dtype, device=device, parts=("transformer", "vae"), quantize=quantize)
-    pipe = flux.pipeline_from_components(parts)
+    parts = family.load_components(base, dtype=dtype, device=device, parts=("transformer", "vae"), quantize=quantize)
+    pipe = family.sampling_pipeline(parts.transformer, parts.vae, parts.scheduler)
     counters["pipeline_loads"] += 1
     pipe.set_progress_bar_config(disable=True)
     adapters: dict[int, str] = {}
@@ -309,9 +311,10 @@ def _sample_local(jobs: list[dict], targets: list[_Target], settings: dict, devi
                     fused = True
             active = (job["target"], job["scale"])
         i = row[job["prompt"]]
-        images = flux.sample_images(
+        images = family.sample_images(
             pipe, [job["prompt"]], job["seeds"], steps=settings["steps"], size=size, guidance=settings["guidance"],
-            prompt_embeds=prompt_embeds[i : i + 1], pooled_prompt_embeds=pooled_prompt_embeds[i : i + 1],
+            text={k: v[i : i + 1] for k, v in text.items()},
+            negative_text={k: v[-1:] for k, v in text.items()} if negative else None,
         )  # fmt: skip
         for image, path in zip(images, job["paths"], strict=True):
             _save_png(image, path)
@@ -496,7 +499,7 @@ def evaluate(
         prompts: prompt templates; ``[trigger]``/``{trigger}`` become each version's trigger word (``base``: the
             first versioned REF's). None: ``DEFAULT_PROMPTS``.
         seeds, steps, size, guidance: sampling settings, equal for every version; None = the base model's defaults
-            (``flux.default_sampling``). ``size`` is ``1024`` or ``"768x1024"`` (width x height).
+            (the family's ``default_sampling``). ``size`` is ``1024`` or ``"768x1024"`` (width x height).
         lora_scales: every LoRA version is sampled at each scale (one report column each).
         out: report folder (default ``reports/<timestamp>``); images cached there are reused.
         allow_mixed_base: sample LoRAs trained on another base anyway (with a warning in the report).
@@ -555,10 +558,11 @@ def evaluate(
     if any(TRIGGER_RE.search(p) for p in templates) and not default_trigger:
         warnings.append("No REF has a trigger word: [trigger] was replaced by an empty string.")
 
-    defaults = flux.default_sampling(base)
+    family = models.family_for(base)
+    defaults = family.default_sampling(base)
     width, height = parse_size(size if size is not None else defaults["size"])
-    device_ = flux.resolve_device(device)
-    dtype_ = flux.resolve_dtype(dtype, device_)
+    device_ = models.resolve_device(device)
+    dtype_ = models.resolve_dtype(dtype, device_)
     settings = {
         "base_model": base,
         "steps": int(steps if steps is not None else defaults["steps"]),
@@ -567,11 +571,12 @@ def evaluate(
         "guidance": float(guidance if guidance is not None else defaults["guidance"]),
         "seeds": seeds,
         "lora_scales": lora_scales,
-        "max_sequence_length": 256 if flux.is_schnell(base) else 512,
+        "max_sequence_length": family.max_sequence_length(base),
         "device": str(device_),
         "dtype": str(dtype_).removeprefix("torch."),
         "quantize": (
-            flux.resolve_quantize(quantize, device_, setting="--quantize") or "none"
+            models.resolve_quantize(quantize, device_, "--quantize", weights_gib=family.transformer_gib(base))
+            or "none"
             if any(t.kind != "replicate" for t in targets)
             else "none"
         ),

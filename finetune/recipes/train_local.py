@@ -33,7 +33,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from finetune import cache, checkpoint, flow, flux, fused_lora, lora, optim
+from finetune import cache, checkpoint, flow, fused_lora, lora, models, optim
 from finetune.config import Config, config_to_dict, dump_config
 from finetune.dataset import BatchOrder, Entry, assign_buckets, load_bucket_image, read_dataset, sample_seed
 from finetune.errors import EXIT_FAILURE, FinetuneError
@@ -61,12 +61,14 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     """Train a LoRA for ``cfg`` locally and register it; ``resume`` (True or a run folder) continues a run."""
     t0 = time.perf_counter()
     # ---- setup: everything that can fail cheaply fails before a model loads -------------------------------------
+    family = models.family_for(cfg.base_model)
+    family.check_base_model(cfg.base_model, allow_distilled=cfg.train.allow_distilled)
     dataset = read_dataset(cfg.dataset, cfg.trigger_word)
-    cpu = flux.resolve_device(cfg.train.device).type == "cpu"
+    cpu = models.resolve_device(cfg.train.device).type == "cpu"
     processes = PartialState(cpu=cpu)  # joins `accelerate launch` / torchrun process groups
     device, main = processes.device, processes.is_main_process
     optim.check_optimizer(cfg.train.optimizer, device)
-    quantize = flux.resolve_quantize(cfg.train.quantize, device)
+    quantize = models.resolve_quantize(cfg.train.quantize, device, weights_gib=family.transformer_gib(cfg.base_model))
     # torch.compile cannot compile torchao's int8 tensors themselves (torch 2.13 + torchao 0.18), only the fused LoRA
     # node that takes their int8 values: so every block Linear must be one, with no dropout (peft's path).
     if quantize and cfg.train.compile and (cfg.lora.targets != "all-linear" or cfg.lora.dropout > 0):
@@ -94,13 +96,13 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     state = checkpoint.load_training_state(ckpt) if ckpt else None
     if state is not None:
         _check_resumable(cfg, state, dataset.digest, ckpt)
-    dtype = flux.resolve_dtype(cfg.train.dtype, device)
-    seq_len = cfg.sequence_length
+    dtype = models.resolve_dtype(cfg.train.dtype, device)
+    seq_len = family.max_sequence_length(cfg.base_model, cfg.train.max_sequence_length)
     cache_dir = Path(cfg.train.cache_dir).expanduser() if cfg.train.cache_dir else cache.default_cache_dir()
 
     # ---- models: the VAE now, the text encoders only if the cache lacks a caption, the transformer after caching --
-    c = flux.load_components(cfg.base_model, dtype=dtype, device=device, parts=("vae",))
-    vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    c = family.load_components(cfg.base_model, dtype=dtype, device=device, parts=("vae",))
+    vae_scale = family.vae_scale_factor(c.vae)
     entries = assign_buckets(dataset.items, cfg.train.resolution, multiple=2 * vae_scale)
     prompts = [p.replace("[trigger]", cfg.trigger_word) for p in cfg.sample.prompts]
     texts = sorted({item.caption for item in dataset.items} | {""} | set(prompts))
@@ -108,13 +110,15 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     # ---- cache: built once by the main process, keyed by content and settings, read by every process ------------
     t_cache = time.perf_counter()
     vae_id = cache.source_identity(cfg.base_model, ["vae"])
-    text_id = cache.source_identity(cfg.base_model, ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"])
+    text_id = cache.source_identity(
+        cfg.base_model, [*family.TEXT_PARTS, *(p.replace("text_encoder", "tokenizer") for p in family.TEXT_PARTS)]
+    )
     latent_keys = [cache.latent_key(vae_id, dataset.items[e.item].sha256, e.bucket, dtype) for e in entries]
-    text_keys = {t: cache.text_key(text_id, t, seq_len, dtype) for t in texts}
+    text_keys = {t: cache.text_key(text_id, t, seq_len, dtype, family.NAME) for t in texts}
     if main:
         try:
             _build_cache(
-                cfg, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale
+                cfg, family, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale
             )
         except Exception as e:  # the other processes wait for the broadcast below: tell them, then raise
             broadcast_object_list([f"{type(e).__name__}: {e}"])
@@ -143,7 +147,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     )
 
     # ---- the transformer (alone on the device with the VAE decoder), LoRA, optimizer, schedule; then a checkpoint --
-    transformer = flux.load_components(
+    transformer = family.load_components(
         cfg.base_model, dtype=dtype, device=device, parts=("transformer",), quantize=quantize
     ).transformer
     lora.add_lora(
@@ -192,22 +196,22 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         log.info("resumed from %s at step %d", ckpt, start)
 
     # ---- loop -------------------------------------------------------------------------------------------------------
-    guidance = None if cfg.is_schnell or not transformer.config.guidance_embeds else cfg.train.guidance
-    batch = _Batches(cfg, entries, latents, text, dataset.items, c.vae.config, accelerator, dtype)
-    val = _validation_batch(cfg, entries, latents, text, dataset.items, c.vae.config, device, dtype)
-    sampling = _sampling(cfg, c, transformer, text, prompts, run_dir) if main else None
+    guidance = cfg.train.guidance if getattr(transformer.config, "guidance_embeds", False) else None  # dev only
+    batch = _Batches(cfg, family, entries, latents, text, dataset.items, c.vae, accelerator, dtype)
+    val = _validation_batch(cfg, family, entries, latents, text, dataset.items, c.vae, device, dtype)
+    sampling = _sampling(cfg, family, c, transformer, text, prompts) if main else None
     losses = torch.zeros(cfg.train.steps, device=device)
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not main, dynamic_ncols=True)
     smoothed, logged, t_loop, t_log = None, start, time.perf_counter(), time.perf_counter()
     if start == 0:
-        _evaluate(cfg, 0, transformer, val, guidance, sampling, run_dir, accelerator)
+        _evaluate(cfg, family, 0, transformer, val, guidance, sampling, run_dir, accelerator)
         t_loop = t_log = time.perf_counter()
     accum = cfg.train.gradient_accumulation
     for step in range(start, cfg.train.steps):
         for micro in range(accum):
             sync = micro == accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = _flow_loss(model, batch(step * accum + micro), guidance)
+                loss = _flow_loss(family, model, batch(step * accum + micro), guidance)
                 accelerator.backward(loss / accum)
             losses[step] += loss.detach() / accum
         if cfg.train.max_grad_norm > 0:
@@ -244,12 +248,12 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             accelerator.wait_for_everyone()
         if cfg.sample.every and done % cfg.sample.every == 0 and done != cfg.train.steps:
             t_eval = time.perf_counter()
-            _evaluate(cfg, done, transformer, val, guidance, sampling, run_dir, accelerator)
+            _evaluate(cfg, family, done, transformer, val, guidance, sampling, run_dir, accelerator)
             t_log += time.perf_counter() - t_eval  # s/it counts training steps only
             t_loop += time.perf_counter() - t_eval
     bar.close()
     train_s = time.perf_counter() - t_loop
-    _evaluate(cfg, cfg.train.steps, transformer, val, guidance, sampling, run_dir, accelerator)
+    _evaluate(cfg, family, cfg.train.steps, transformer, val, guidance, sampling, run_dir, accelerator)
 
     # ---- register: the main process adds the version, the others read it back ------------------------------------
     ref = [None]
@@ -262,12 +266,13 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             base_model=cfg.base_model,
             trigger_word=cfg.trigger_word,
             targets=cfg.lora.targets,
-            dtype=flux.resolve_dtype(cfg.lora.save_dtype, "cpu"),
+            dtype=models.resolve_dtype(cfg.lora.save_dtype, "cpu"),
         )
         timings = {"total_s": time.perf_counter() - t0, "cache_s": cache_s, "train_s": train_s}
         timings["s_per_step"] = train_s / max(1, cfg.train.steps - start)
         lineage = {
             "base_model": cfg.base_model,
+            "family": family.NAME,
             "trigger_word": cfg.trigger_word,
             "backend": "local",
             "dataset": {"path": str(dataset.path), "digest": dataset.digest},
@@ -364,7 +369,9 @@ def _log_to(path: Path) -> None:
     log.setLevel(logging.INFO)
 
 
-def _build_cache(cfg, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale):
+def _build_cache(
+    cfg, family, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale
+):
     """Encode what the cache lacks: estimate its size against the free disk first, then free the encoders."""
     missing_latents = [i for i, k in enumerate(latent_keys) if not cache.latent_file(cache_dir, k).is_file()]
     missing_texts = [(k, t) for t, k in text_keys.items() if not cache.text_file(cache_dir, k).is_file()]
@@ -377,16 +384,8 @@ def _build_cache(cfg, c, dataset, entries, latent_keys, text_keys, cache_dir, dt
         [entries[i].bucket for i in missing_latents], c.vae.config.latent_channels, vae_scale, itemsize
     )
     if missing_texts:
-        encoders = flux.load_components(
-            cfg.base_model, dtype=dtype, device=device, parts=("text_encoder", "text_encoder_2")
-        )
-        needed += cache.estimate_text_bytes(
-            len(missing_texts),
-            seq_len,
-            encoders.text_encoder_2.config.d_model,
-            encoders.text_encoder.config.projection_dim,
-            itemsize,
-        )
+        encoders = family.load_components(cfg.base_model, dtype=dtype, device=device, parts=family.TEXT_PARTS)
+        needed += len(missing_texts) * family.text_bytes(encoders, seq_len, itemsize)
     cache.check_free_space(cache_dir, needed)
     log.info("cache: encoding %d latents and %d captions into %s", len(missing_latents), len(missing_texts), cache_dir)
     with zipfile.ZipFile(dataset.path) as zf:
@@ -397,9 +396,9 @@ def _build_cache(cfg, c, dataset, entries, latent_keys, text_keys, cache_dir, dt
             return x.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, h, w] in [-1, 1]
 
         jobs = [(latent_keys[i], lambda e=entries[i]: pixels(e)) for i in missing_latents]
-        cache.cache_latents(cache_dir, jobs, lambda px: flux.encode_images(c.vae, px))
+        cache.cache_latents(cache_dir, jobs, lambda px: family.encode_images(c.vae, px))
     if encoders is not None:
-        cache.cache_texts(cache_dir, missing_texts, lambda t: flux.encode_prompts(encoders, t, seq_len))
+        cache.cache_texts(cache_dir, missing_texts, lambda t: family.encode_prompts(encoders, t, seq_len))
         del encoders  # the text encoders leave memory before the loop starts
         gc.collect()
         if device.type == "cuda":
@@ -411,30 +410,40 @@ def _build_cache(cfg, c, dataset, entries, latent_keys, text_keys, cache_dir, dt
 
 @dataclass
 class _Batch:
-    latents: torch.Tensor  # [B, C, h, w], normalized
-    noise: torch.Tensor  # [B, C, h, w]
+    latents: torch.Tensor  # [B, C, h, w], normalized (the family's latent space: FLUX.1 [16, h, w], FLUX.2 [128, ...])
+    noise: torch.Tensor  # like latents
     sigmas: torch.Tensor  # [B]
-    prompt_embeds: torch.Tensor  # [B, seq, D]
-    pooled_prompt_embeds: torch.Tensor  # [B, P]
-    img_ids: torch.Tensor  # [(h/2)*(w/2), 3]
-    txt_ids: torch.Tensor  # [seq, 3]
+    text: dict[str, torch.Tensor]  # the family's text tensors, [B, ...] each
+    img_ids: torch.Tensor  # [tokens, 3 or 4]
+    txt_ids: torch.Tensor  # [seq, 3 or 4]
+
+
+def _stack_text(rows: list[dict[str, torch.Tensor]], **to) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([r[name] for r in rows]).to(**to) for name in rows[0]}
 
 
 class _Batches:
     """``batches(index)``: this process's share of global micro-batch ``index``, with per-sample randomness drawn
     from (seed, index, sample id) so any process count sees the same samples with the same noise."""
 
-    def __init__(self, cfg, entries, latents, text, items, vae_config, accelerator, dtype):
-        self.cfg, self.entries, self.latents, self.text, self.items = cfg, entries, latents, text, items
-        self.vae_config, self.dtype, self.device = vae_config, dtype, accelerator.device
+    def __init__(self, cfg, family, entries, latents, text, items, vae, accelerator, dtype):
+        self.cfg, self.family, self.entries, self.latents, self.text, self.items = (
+            cfg,
+            family,
+            entries,
+            latents,
+            text,
+            items,
+        )
+        self.vae, self.dtype, self.device = vae, dtype, accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.order = BatchOrder(entries, cfg.train.batch_size, cfg.train.seed)
-        self.ids: dict[tuple[int, int], torch.Tensor] = {}  # image position ids per latent size
+        self.ids: dict[tuple[int, ...], torch.Tensor] = {}  # image position ids per latent shape
         seq = next(iter(text.values()))["prompt_embeds"].shape[0]  # every caption is cached at one length
-        self.txt_ids = flux.text_ids(seq, self.device, dtype)
+        self.txt_ids = family.text_ids(seq, self.device, dtype)
 
     def __call__(self, index: int) -> _Batch:
-        cfg = self.cfg
+        cfg, family = self.cfg, self.family
         chosen = self.order(index)
         rows = []
         for sample_id in range(self.rank, len(chosen), self.world):
@@ -442,108 +451,93 @@ class _Batches:
             mean, std = self.latents[entry]["mean"].float(), self.latents[entry]["std"].float()
             g = torch.Generator().manual_seed(sample_seed(cfg.train.seed, index, sample_id))
             z = mean + std * torch.randn(mean.shape, generator=g)  # a fresh draw from the latent distribution
-            noise = torch.randn(mean.shape, generator=g)
-            seq = (mean.shape[1] // 2) * (mean.shape[2] // 2)
-            sigma = flow.sample_sigmas(cfg.train.sigma_sampling, 1, seq, g)
+            z = family.normalize_latents(z[None], self.vae)[0]
+            noise = torch.randn(z.shape, generator=g)
+            sigma = flow.sample_sigmas(cfg.train.sigma_sampling, 1, family.image_seq_len(z.shape), g)
             dropped = torch.rand(1, generator=g).item() < cfg.train.caption_dropout
             caption = "" if dropped else self.items[self.entries[entry].item].caption
             rows.append((z, noise, sigma, self.text[caption]))
         z = torch.stack([r[0] for r in rows])
-        h, w = z.shape[-2:]
-        if (h, w) not in self.ids:
-            self.ids[(h, w)] = flux.latent_image_ids(h, w, self.device, self.dtype)
-        embeds = torch.stack([r[3]["prompt_embeds"] for r in rows])
+        if z.shape[1:] not in self.ids:
+            self.ids[z.shape[1:]] = family.image_ids(z.shape[1:], self.device, self.dtype)
         to = dict(device=self.device, non_blocking=True)
         return _Batch(
-            latents=flux.normalize_latents(z, self.vae_config).to(dtype=self.dtype, **to),
+            latents=z.to(dtype=self.dtype, **to),
             noise=torch.stack([r[1] for r in rows]).to(dtype=self.dtype, **to),
             sigmas=torch.cat([r[2] for r in rows]).to(**to),
-            prompt_embeds=embeds.to(dtype=self.dtype, **to),
-            pooled_prompt_embeds=torch.stack([r[3]["pooled_prompt_embeds"] for r in rows]).to(dtype=self.dtype, **to),
-            img_ids=self.ids[(h, w)],
+            text=_stack_text([r[3] for r in rows], dtype=self.dtype, **to),
+            img_ids=self.ids[z.shape[1:]],
             txt_ids=self.txt_ids,
         )
 
 
-def _flow_loss(model, b: _Batch, guidance: float | None) -> torch.Tensor:
+def _flow_loss(family, model, b: _Batch, guidance: float | None) -> torch.Tensor:
     """MSE between the predicted and the true velocity ``noise - latents`` at ``x_σ`` (DESIGN.md; flow.py)."""
     noisy = flow.add_noise(b.latents, b.noise, b.sigmas)
-    model_pred = model(
-        hidden_states=flux.pack_latents(noisy),  # [B, (h/2)*(w/2), C*4]
-        encoder_hidden_states=b.prompt_embeds,
-        pooled_projections=b.pooled_prompt_embeds,
-        timestep=b.sigmas.to(b.latents.dtype),  # the transformer scales σ by 1000 itself
-        img_ids=b.img_ids,
-        txt_ids=b.txt_ids,
-        guidance=None if guidance is None else torch.full_like(b.sigmas, guidance),
-        return_dict=False,
-    )[0]
-    target = flux.pack_latents(flow.flow_target(b.latents, b.noise))  # packing is a permutation: same MSE
+    model_pred = family.predict(model, noisy, b.sigmas, b.text, b.img_ids, b.txt_ids, guidance)
+    target = family.pack_latents(flow.flow_target(b.latents, b.noise))  # packing is a permutation: same MSE
     return F.mse_loss(model_pred.float(), target.float())
 
 
-def _validation_batch(cfg, entries, latents, text, items, vae_config, device, dtype) -> list[_Batch]:
+def _validation_batch(cfg, family, entries, latents, text, items, vae, device, dtype) -> list[_Batch]:
     """Fixed batches for the validation loss: the first images at each σ in VAL_SIGMAS with fixed noise."""
     out = []
+    n = len(VAL_SIGMAS)
     for i, entry in enumerate(entries[:VAL_ITEMS]):
-        mean = latents[i]["mean"].float()
+        z = family.normalize_latents(latents[i]["mean"].float()[None], vae)[0]
         g = torch.Generator().manual_seed(sample_seed(cfg.train.seed, -1, i, "validation"))
-        noise = torch.randn((len(VAL_SIGMAS), *mean.shape), generator=g)
+        noise = torch.randn((n, *z.shape), generator=g)
         emb = text[items[entry.item].caption]
-        h, w = mean.shape[-2:]
         out.append(
             _Batch(
-                latents=flux.normalize_latents(mean, vae_config).expand_as(noise).to(device=device, dtype=dtype),
+                latents=z.expand_as(noise).to(device=device, dtype=dtype),
                 noise=noise.to(device=device, dtype=dtype),
                 sigmas=torch.tensor(VAL_SIGMAS, device=device),
-                prompt_embeds=emb["prompt_embeds"].expand(len(VAL_SIGMAS), -1, -1).to(device=device, dtype=dtype),
-                pooled_prompt_embeds=emb["pooled_prompt_embeds"].expand(len(VAL_SIGMAS), -1).to(device, dtype),
-                img_ids=flux.latent_image_ids(h, w, device, dtype),
-                txt_ids=flux.text_ids(emb["prompt_embeds"].shape[0], device, dtype),
+                text={k: v.expand(n, *v.shape).to(device=device, dtype=dtype) for k, v in emb.items()},
+                img_ids=family.image_ids(z.shape, device, dtype),
+                txt_ids=family.text_ids(emb["prompt_embeds"].shape[0], device, dtype),
             )
         )
     return out
 
 
-def _sampling(cfg, c, transformer, text, prompts, run_dir) -> dict | None:
+def _sampling(cfg, family, c, transformer, text, prompts) -> dict | None:
     if not cfg.sample.every or not prompts or not cfg.sample.seeds:
         return None
-    defaults = flux.default_sampling(cfg.base_model)
-    pipe = flux.pipeline_from_components(
-        flux.FluxComponents(transformer=transformer, vae=c.vae, scheduler=c.scheduler)
-    )
+    defaults = family.default_sampling(cfg.base_model)
     return {
-        "pipe": pipe,
+        "family": family,
+        "pipe": family.sampling_pipeline(transformer, c.vae, c.scheduler),
         "prompts": prompts,
         "steps": cfg.sample.steps or defaults["steps"],
         "size": cfg.sample.size or defaults["size"],
         "guidance": cfg.sample.guidance or defaults["guidance"],
-        "embeds": torch.stack([text[p]["prompt_embeds"] for p in prompts]),
-        "pooled": torch.stack([text[p]["pooled_prompt_embeds"] for p in prompts]),
+        "text": _stack_text([text[p] for p in prompts]),
+        "negative_text": _stack_text([text[""]]),
     }
 
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # a few eval shapes are not worth compiling (no-op when not compiled)
-def _evaluate(cfg, step, transformer, val, guidance, sampling, run_dir, accelerator) -> None:
+def _evaluate(cfg, family, step, transformer, val, guidance, sampling, run_dir, accelerator) -> None:
     """Fixed-σ validation loss and sample images (main process; the bare model, so no collective is needed), into
     metrics.jsonl, samples/ and the trackers."""
     if not accelerator.is_main_process:
         return
     transformer.eval()
-    val_loss = sum(_flow_loss(transformer, b, guidance).item() for b in val) / max(1, len(val))
+    val_loss = sum(_flow_loss(family, transformer, b, guidance).item() for b in val) / max(1, len(val))
     _metrics(run_dir, True, {"step": step, "val_loss": val_loss})
     accelerator.log({"val_loss": val_loss}, step=step)
     if sampling is not None:
-        images = flux.sample_images(
+        images = sampling["family"].sample_images(
             sampling["pipe"],
             sampling["prompts"],
             list(cfg.sample.seeds),
             steps=sampling["steps"],
             size=sampling["size"],
             guidance=sampling["guidance"],
-            prompt_embeds=sampling["embeds"],
-            pooled_prompt_embeds=sampling["pooled"],
+            text=sampling["text"],
+            negative_text=sampling["negative_text"],
         )
         folder = run_dir / "samples" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,7 @@ LOCAL_ONLY = {
     "train.compile",
     "train.keep_checkpoints",
     "lora.save_dtype",  # the registered file is the trainer's own
+    "train.allow_distilled",  # FLUX.2 [klein] only; the remote trainer trains FLUX.1-dev
     "backend",
     "output",
     "dataset",

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import flux
 from finetune.errors import FinetuneError
+from finetune.models import common
+from finetune.models import flux1 as flux
 
 
 def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -95,7 +96,7 @@ def test_missing_local_folder_is_a_clear_error(tmp_path):
         flux.load_components(str(tmp_path / "no-such-model"))
     assert info.value.exit_code == 2
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FinetuneError, match="not a diffusers FLUX folder"):
+    with pytest.raises(FinetuneError, match="not a diffusers FluxPipeline folder"):
         flux.load_components(str(tmp_path / "empty"))
 
 
@@ -117,18 +118,18 @@ def test_bad_names_are_rejected():
     with pytest.raises(FinetuneError, match="neither a folder nor a hub id"):
         flux.load_components("not a model id")
     with pytest.raises(FinetuneError, match="dtype 'int8'"):
-        flux.resolve_dtype("int8", "cpu")
+        common.resolve_dtype("int8", "cpu")
 
 
 def test_dtype_and_device_policy():
-    assert flux.resolve_dtype("auto", "cpu") == torch.float32
-    assert flux.resolve_dtype("auto", "cuda") == torch.bfloat16
-    assert flux.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
-    assert flux.resolve_device("cpu") == torch.device("cpu")
-    assert flux.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert common.resolve_dtype("auto", "cpu") == torch.float32
+    assert common.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert common.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert common.resolve_device("cpu") == torch.device("cpu")
+    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(FinetuneError, match="no CUDA GPU"):
-            flux.resolve_device("cuda")
+            common.resolve_device("cuda")
 
 
 def test_sampling_defaults_and_schnell_detection(tmp_path):
@@ -159,7 +160,8 @@ def test_encode_prompts_equals_flux_pipeline_encode_prompt():
     c = flux.build_preset("tiny")
     pipe = flux.pipeline_from_components(c)
     prompts = ["a photo of TOK on a beach", "", "an oil painting of a cat " * 20]  # the last one is truncated
-    prompt_embeds, pooled = flux.encode_prompts(c, prompts, max_sequence_length=48)
+    text = flux.encode_prompts(c, prompts, max_sequence_length=48)
+    prompt_embeds, pooled = text["prompt_embeds"], text["pooled_prompt_embeds"]
     ref_embeds, ref_pooled, _ = pipe.encode_prompt(prompts, prompts, device="cpu", max_sequence_length=48)
     assert prompt_embeds.shape == (3, 48, 32) and pooled.shape == (3, 32)
     # same token ids and weights; only float summation order may differ between the two call paths
@@ -177,7 +179,7 @@ def test_encode_images_and_normalize_latents():
         ref = c.vae.encode(pixels).latent_dist
     torch.testing.assert_close(mean, ref.mean)
     torch.testing.assert_close(std, ref.std)
-    z = flux.normalize_latents(mean, c.vae.config)
+    z = flux.normalize_latents(mean, c.vae)
     torch.testing.assert_close(z, (mean - 0.1159) * 0.3611)
     torch.testing.assert_close(flux.denormalize_latents(z, c.vae.config), mean)
 
@@ -194,9 +196,7 @@ def test_sample_images_is_seeded_per_image_and_batch_independent():
     assert np.abs(arrays[0] - arrays[2]).max() > 0  # different prompts
     # precomputed embeddings, another batch layout, a lone seed: the same pixels (up to uint8 rounding)
     embeds = flux.encode_prompts(c, prompts, max_sequence_length=512)
-    alone = flux.sample_images(
-        pipe, prompts[1:], [2], prompt_embeds=embeds[0][1:], pooled_prompt_embeds=embeds[1][1:], **kw
-    )
+    alone = flux.sample_images(pipe, prompts[1:], [2], text={k: v[1:] for k, v in embeds.items()}, **kw)
     assert np.abs(np.asarray(alone[0], dtype=np.int16) - arrays[3]).max() <= 1
     single_batches = flux.sample_images(pipe, prompts, [1, 2], batch_size=1, **kw)
     for image, reference in zip(single_batches, arrays, strict=True):
@@ -259,11 +259,11 @@ def test_int8_quantizes_every_transformer_linear_the_same_from_a_preset_or_a_fol
 
 
 def test_quantize_policy_and_a_missing_torchao(monkeypatch):
-    assert flux.resolve_quantize("auto", "cpu") is None  # auto quantizes only small CUDA GPUs
-    assert flux.resolve_quantize("none", "cpu") is None
-    assert flux.resolve_quantize("int8", "cpu") == "int8"
+    assert common.resolve_quantize("auto", "cpu", weights_gib=22.2) is None  # auto quantizes only small CUDA GPUs
+    assert common.resolve_quantize("none", "cpu") is None
+    assert common.resolve_quantize("int8", "cpu") == "int8"
     with pytest.raises(FinetuneError, match="'nf4' is not supported"):
-        flux.resolve_quantize("nf4", "cpu")
+        common.resolve_quantize("nf4", "cpu")
     monkeypatch.setitem(__import__("sys").modules, "torchao", None)  # what `import torchao` sees when it is absent
     with pytest.raises(FinetuneError, match=r"needs torchao.*finetune\[quantize\].*train.quantize=none"):
-        flux.resolve_quantize("int8", "cpu")
+        common.resolve_quantize("int8", "cpu")

@@ -1,20 +1,17 @@
-"""FLUX.1 components: loading (hub id, local folder or in-process preset), prompt/image encoding, latent packing.
+"""FLUX.1 (dev, schnell, Krea): the model family behind ``FluxPipeline``.
 
-Real models come from diffusers/transformers ``from_pretrained`` (HF cache and ``HF_HUB_OFFLINE`` honoured).
-``preset:tiny`` and ``preset:small`` build the whole pipeline in-process with random weights (deterministic per
-seed) for tests, the demo and benchmarks; their tokenizers are built with the ``tokenizers`` library and wrapped
-in the classes ``FluxPipeline`` names, so a saved preset is an ordinary diffusers folder.
+Real models come from diffusers/transformers ``from_pretrained`` with the classes their ``model_index.json`` names
+(models/common.py). ``preset:tiny`` and ``preset:small`` build the whole pipeline in process with random weights
+(deterministic per seed) for tests, the demo and benchmarks; their tokenizers are built with the ``tokenizers``
+library and wrapped in the classes ``FluxPipeline`` names, so a saved preset is an ordinary diffusers folder.
 
-The latent conventions (16-channel VAE, ``(z - shift) * scale``, 2×2 packing into 64-d tokens, ids) follow
-diffusers' ``FluxPipeline``; tests check these functions against its private helpers.
+The latent conventions (16-channel VAE, ``(z - shift) * scale``, 2×2 packing into 64-d tokens, 3-d ids) follow
+diffusers' ``FluxPipeline``; tests check these functions against its private helpers and ``encode_prompt``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import re
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,14 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from finetune.errors import EXIT_USAGE, FinetuneError
+from finetune.errors import FinetuneError
 from finetune.files import atomic_dir
-
-# With torchao installed, importing diffusers' models imports it (diffusers' quantizer registry), and that logs about
-# CUDA kernels a CPU build lacks, torch pytree deprecations and pre-serialized checkpoints: none of it concerns
-# int8 weight-only quantization, and it would greet every run.
-for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+from finetune.models.common import load_parts, preset_name, render, resolve_dtype, transformer_bf16_gib
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
@@ -44,25 +36,52 @@ __all__ = [
     "denormalize_latents",
     "encode_images",
     "encode_prompts",
+    "image_ids",
+    "image_seq_len",
     "is_schnell",
     "latent_image_ids",
     "load_components",
     "load_pipeline",
+    "max_sequence_length",
     "normalize_latents",
     "pack_latents",
     "pipeline_from_components",
-    "resolve_device",
-    "resolve_dtype",
-    "resolve_quantize",
+    "predict",
     "sample_images",
+    "sampling_pipeline",
     "save_preset",
+    "text_bytes",
     "text_ids",
+    "transformer_gib",
     "unpack_latents",
 ]
 
+NAME = "flux1"
+LABEL = "FLUX.1 [dev], [schnell], Krea"
+PIPELINE_CLASSES = ("FluxPipeline",)
+HUB_IDS = (
+    "black-forest-labs/FLUX.1-dev",
+    "black-forest-labs/FLUX.1-schnell",
+    "black-forest-labs/FLUX.1-Krea-dev",
+)
+EXAMPLE = "black-forest-labs/FLUX.1-dev"
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled) and T5-XXL (hidden states)
+TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+TRUE_CFG = False  # guidance-distilled (dev) or timestep-distilled (schnell): no negative prompt when sampling
 PRESET_NAMES = ("tiny", "small")
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The classes FluxPipeline names (model_index.json of FLUX.1-dev), for a folder saved without model_index.json.
+_CLASSES = {
+    "transformer": ("diffusers", "FluxTransformer2DModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "text_encoder_2": ("transformers", "T5EncoderModel"),
+    "tokenizer_2": ("transformers", "T5TokenizerFast"),
+    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+}
+# bf16 transformer sizes (12B parameters × 2 bytes), for train.quantize: auto before the weights are on disk.
+_TRANSFORMER_GIB = {hub_id: 22.2 for hub_id in HUB_IDS}
 
 # The FLUX.1-dev/schnell scheduler config (scheduler/scheduler_config.json of both repos).
 FLUX_SCHEDULER = dict(
@@ -135,89 +154,7 @@ class FluxComponents:
     scheduler: Any = None  # diffusers.FlowMatchEulerDiscreteScheduler
 
 
-# ---- devices and dtypes ----------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked to exist)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise FinetuneError(f"train.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N ({e})") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError(f"train.device: {name!r} asked for CUDA but no CUDA GPU is visible; use cpu or auto")
-    return device
-
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """``auto`` → bfloat16 on CUDA, float32 elsewhere (CPU bf16 matmuls are slow and imprecise); else the name."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise FinetuneError(f"dtype {name!r} is not supported; use auto, float32, bfloat16 or float16")
-    return _DTYPES[name]
-
-
-QUANTIZE_BELOW_GIB = 36  # auto quantizes on smaller GPUs: FLUX.1's 24 GB of bf16 weights leave no room on 24/32 GB
-
-
-def resolve_quantize(name: str, device: str | torch.device, setting: str = "train.quantize") -> str | None:
-    """``train.quantize`` → ``"int8"`` or None. ``auto`` is int8 on a CUDA GPU with under ``QUANTIZE_BELOW_GIB``
-    GiB of memory (where FLUX.1's bf16 transformer does not fit with room to train), else None.
-
-    Raises:
-        FinetuneError: an unknown name, or int8 without torchao installed (checked here, before any model loads);
-            ``setting`` names the option in the message (``train.quantize``, ``--quantize``).
-    """
-    device = torch.device(device)
-    set_none = f"{setting} none" if setting.startswith("--") else f"{setting}=none"
-    if name == "auto":
-        small = (
-            device.type == "cuda"
-            and torch.cuda.get_device_properties(device).total_memory < QUANTIZE_BELOW_GIB * 2**30
-        )
-        name = "int8" if small else "none"
-    if name == "none":
-        return None
-    if name != "int8":
-        raise FinetuneError(f"{setting}: {name!r} is not supported; use auto, none or int8", EXIT_USAGE)
-    try:
-        import torchao  # noqa: F401
-    except ImportError as e:
-        raise FinetuneError(
-            f"{setting}: int8 needs torchao, which is not installed; run `pip install 'finetune[quantize]'`, "
-            f"or set {set_none} (bf16 FLUX.1 needs a GPU with 40 GB or more)",
-            EXIT_USAGE,
-        ) from e
-    return name
-
-
-def _torchao_config(quantize: str) -> Any:
-    """torchao's int8 weight-only config: one int8 per weight plus one scale per output channel; activations and
-    the matmul stay in the compute dtype (torchao ``Int8WeightOnlyConfig``)."""
-    from torchao.quantization import Int8WeightOnlyConfig
-
-    assert quantize == "int8", quantize
-    return Int8WeightOnlyConfig()
-
-
 # ---- which model ---------------------------------------------------------------------------------------------------
-
-
-def _preset_name(base_model: str) -> str | None:
-    return base_model.split(":", 1)[1] if base_model.startswith("preset:") else None
 
 
 def is_schnell(base_model: str) -> bool:
@@ -226,15 +163,25 @@ def is_schnell(base_model: str) -> bool:
     if "schnell" in base_model.lower():
         return True
     config = Path(base_model).expanduser() / "transformer" / "config.json"
-    if _preset_name(base_model) is None and config.is_file():
+    if preset_name(base_model) is None and config.is_file():
         return not json.loads(config.read_text()).get("guidance_embeds", True)
     return False
+
+
+def max_sequence_length(base_model: str, configured: int = 0) -> int:
+    """T5 tokens: ``configured``, else 256 for schnell and 512 for dev (reference/local-trainers.md §0)."""
+    return configured or (256 if is_schnell(base_model) else 512)
+
+
+def transformer_gib(base_model: str) -> float:
+    """The bf16 transformer's size in GiB (``train.quantize: auto`` weighs it against the GPU's memory)."""
+    return transformer_bf16_gib(base_model, _TRANSFORMER_GIB)
 
 
 def default_sampling(base_model: str) -> dict[str, Any]:
     """Sampling defaults per model: dev 28 steps at 1024 px, guidance 3.5 (BFL/diffusers model card); schnell 4 steps,
     guidance 0 (it ignores guidance); presets 8 steps at 256 px so CPU sampling takes seconds."""
-    if _preset_name(base_model) is not None:
+    if preset_name(base_model) is not None:
         return {"steps": 8, "size": 256, "guidance": 3.5}
     if is_schnell(base_model):
         return {"steps": 4, "size": 1024, "guidance": 0.0}
@@ -368,6 +315,11 @@ def pipeline_from_components(c: FluxComponents) -> FluxPipeline:
     return FluxPipeline(**{f.name: getattr(c, f.name) for f in fields(c)})
 
 
+def sampling_pipeline(transformer: Any, vae: Any, scheduler: Any) -> FluxPipeline:
+    """A ``FluxPipeline`` that samples from cached text embeddings (no text encoders)."""
+    return pipeline_from_components(FluxComponents(transformer=transformer, vae=vae, scheduler=scheduler))
+
+
 def save_preset(name: str, path: Path, seed: int = 0) -> Path:
     """Write ``preset:<name>`` as a diffusers folder that ``FluxPipeline.from_pretrained`` and ``load_components``
     load. The folder appears whole (written beside it, then renamed); an existing preset folder is replaced."""
@@ -385,77 +337,6 @@ def save_preset(name: str, path: Path, seed: int = 0) -> Path:
 # ---- loading -------------------------------------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _hub_cache() -> str:
-    """The hub cache folder, read now (huggingface_hub reads HF_HUB_CACHE/HF_HOME once, at import)."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return constants.HF_HUB_CACHE
-
-
-def _chain_text(error: BaseException) -> str:
-    texts, seen = [], set()
-    while error is not None and id(error) not in seen:  # hub errors arrive wrapped in OSError by the loaders
-        seen.add(id(error))
-        texts.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__ or error.__context__
-    return "\n".join(texts)
-
-
-def _missing_weights_error(base_model: str, part: str, error: Exception) -> FinetuneError:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    chain = _chain_text(error)
-    if any(s in chain for s in ("GatedRepoError", "gated", " 401 ", " 403 ", "401 Client", "403 Client")):
-        cause = f"{base_model} is a gated repository and this machine has no access to it yet"
-    elif _offline():
-        cause = f"{base_model} ({part}) is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-    elif any(s in chain for s in ("RepositoryNotFoundError", "404 Client", "Repository Not Found")):
-        cause = f"there is no repository {base_model} on the Hugging Face Hub (check the spelling)"
-    elif any(s in chain for s in ("Name or service not known", "name resolution", "ConnectError", "ConnectionError")):
-        cause = f"{base_model} ({part}) is not in the Hugging Face cache and huggingface.co cannot be reached"
-    else:
-        cause = f"{base_model} ({part}) is not in the Hugging Face cache and could not be downloaded"
-    return FinetuneError(
-        f"base_model: cannot load '{part}' of {base_model}: {cause} ({type(error).__name__}: {reason}).\n"
-        f"To fix: accept the licence on https://huggingface.co/{base_model}, run `hf auth login` (or set HF_TOKEN) "
-        "and run again with network access once to fill the cache; or set base_model to a local folder in diffusers "
-        "layout (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/), "
-        "or to preset:tiny / preset:small for random-weight test models.",
-        EXIT_USAGE,
-    )
-
-
-def _load_part(source: str, part: str, dtype: torch.dtype, *, local_only: bool, quantize: str | None = None) -> Any:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-    common = {"subfolder": part, "local_files_only": local_only}
-    if not Path(source).is_dir():
-        common["cache_dir"] = _hub_cache()
-    if part == "scheduler":
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(source, **common)
-    if part in ("tokenizer", "tokenizer_2"):
-        return (CLIPTokenizer if part == "tokenizer" else T5TokenizerFast).from_pretrained(source, **common)
-    if part in ("transformer", "vae"):
-        cls = FluxTransformer2DModel if part == "transformer" else AutoencoderKL
-        if quantize and part == "transformer":  # quantized tensor by tensor as it loads: never all of it in bf16
-            from diffusers import TorchAoConfig
-
-            common["quantization_config"] = TorchAoConfig(_torchao_config(quantize))
-        return cls.from_pretrained(source, torch_dtype=dtype, **common)
-    cls = CLIPTextModel if part == "text_encoder" else T5EncoderModel
-    return cls.from_pretrained(source, dtype=dtype, **common)
-
-
 def load_components(
     base_model: str,
     *,
@@ -470,7 +351,8 @@ def load_components(
     before it moves to ``device``, so the quantized values are the same on every device and process.
 
     ``base_model`` is a hub id (HF cache and ``HF_HUB_OFFLINE`` honoured), a local diffusers folder, or
-    ``preset:tiny``/``preset:small``. A text encoder brings its tokenizer; the scheduler always comes (config only).
+    ``preset:tiny``/``preset:small``. Parts load with the classes its ``model_index.json`` names, as
+    ``FluxPipeline.from_pretrained`` does. A text encoder brings its tokenizer; the scheduler always comes.
 
     Raises:
         FinetuneError: unknown part or preset, missing folder, or weights that cannot be had (with how to get them).
@@ -484,54 +366,18 @@ def load_components(
     device = torch.device(device)
     dtype = dtype or resolve_dtype("auto", device)
 
-    preset = _preset_name(base_model)
-    if preset is not None:
-        built = build_preset(preset)
-        loaded = {p: getattr(built, p) for p in wanted}
-    else:
-        folder = Path(base_model).expanduser()
-        if folder.is_dir():
-            source, local_only = str(folder), True
-            if not (folder / "model_index.json").is_file() and not all((folder / p).is_dir() for p in parts):
-                raise FinetuneError(
-                    f"base_model: {folder} is not a diffusers FLUX folder (no model_index.json and no "
-                    f"{'/, '.join(parts)}/ subfolders); save one with FluxPipeline.save_pretrained",
-                )
-        elif base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or "\\" in base_model:
-            raise FinetuneError(
-                f"base_model: folder {base_model} does not exist; pass an existing diffusers folder, a hub id such "
-                "as black-forest-labs/FLUX.1-dev, or preset:tiny / preset:small"
-            )
-        elif not _HUB_ID_RE.match(base_model):
-            raise FinetuneError(
-                f"base_model: {base_model!r} is neither a folder nor a hub id (owner/name); "
-                "e.g. black-forest-labs/FLUX.1-dev, a local folder, or preset:tiny"
-            )
-        else:
-            source, local_only = base_model, _offline()
-        loaded = {}
-        for part in sorted(wanted, key=PARTS.index):
-            try:
-                try:  # the cache first: no network round trips (and no retries) when the weights are already here
-                    loaded[part] = _load_part(source, part, dtype, local_only=True, quantize=quantize)
-                except Exception:
-                    if local_only:
-                        raise
-                    loaded[part] = _load_part(source, part, dtype, local_only=False, quantize=quantize)
-            except Exception as e:  # hub, cache and file errors come in many types; all mean "weights missing"
-                if folder.is_dir():
-                    raise FinetuneError(f"base_model: cannot load '{part}' from {folder}: {e}") from e
-                raise _missing_weights_error(base_model, part, e) from e
-
-    for part, module in loaded.items():
-        if isinstance(module, torch.nn.Module):
-            if preset is not None:  # built in float32; loaded parts already came in ``dtype`` (fp32-pinned parts kept)
-                torch.nn.Module.to(module, dtype=dtype)  # plain Module.to: diffusers' .to warns about an empty list
-                if quantize and part == "transformer":  # a loaded transformer came quantized by from_pretrained
-                    from torchao.quantization import quantize_
-
-                    quantize_(module, _torchao_config(quantize))
-            module.to(device).eval().requires_grad_(False)
+    loaded = load_parts(
+        base_model,
+        tuple(p for p in PARTS if p in wanted),
+        default_classes=_CLASSES,
+        build_preset=lambda name: vars(build_preset(name)),
+        dtype=dtype,
+        device=device,
+        quantize=quantize,
+        example=EXAMPLE,
+        pipeline="FluxPipeline",
+        layout="model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/",
+    )
     return FluxComponents(**loaded)
 
 
@@ -547,12 +393,11 @@ def load_pipeline(
 
 
 @torch.no_grad()
-def encode_prompts(
-    c: FluxComponents, prompts: list[str], max_sequence_length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text conditioning as FLUX uses it: T5 hidden states [B, max_sequence_length, D] and CLIP's pooled output
-    [B, P], each on its encoder's device and dtype. Matches ``FluxPipeline.encode_prompt`` (no attention masks, as
-    every FLUX trainer by default; reference/local-trainers.md §0)."""
+def encode_prompts(c: FluxComponents, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+    """Text conditioning as FLUX.1 uses it: ``prompt_embeds``, T5 hidden states [B, max_sequence_length, D], and
+    ``pooled_prompt_embeds``, CLIP's pooled output [B, P], each on its encoder's device and dtype. Matches
+    ``FluxPipeline.encode_prompt`` (no attention masks, as every FLUX trainer by default;
+    reference/local-trainers.md §0)."""
     if c.text_encoder is None or c.text_encoder_2 is None or c.tokenizer is None or c.tokenizer_2 is None:
         raise ValueError("encode_prompts needs text_encoder, tokenizer, text_encoder_2 and tokenizer_2 loaded")
     prompts = list(prompts)
@@ -564,7 +409,15 @@ def encode_prompts(
         prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
     ).input_ids
     prompt_embeds = c.text_encoder_2(t5_ids.to(c.text_encoder_2.device), output_hidden_states=False)[0]
-    return prompt_embeds.to(c.text_encoder_2.dtype), pooled_prompt_embeds.to(c.text_encoder.dtype)
+    return {
+        "prompt_embeds": prompt_embeds.to(c.text_encoder_2.dtype),
+        "pooled_prompt_embeds": pooled_prompt_embeds.to(c.text_encoder.dtype),
+    }
+
+
+def text_bytes(c: FluxComponents, max_sequence_length: int, itemsize: int) -> int:
+    """Bytes of one cached caption: T5 hidden states [seq, D] plus the CLIP pooled vector [P]."""
+    return (max_sequence_length * c.text_encoder_2.config.d_model + c.text_encoder.config.projection_dim) * itemsize
 
 
 @torch.no_grad()
@@ -578,10 +431,16 @@ def encode_images(vae: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, t
     return dist.mean, dist.std
 
 
-def normalize_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+def vae_scale_factor(vae: Any) -> int:
+    """Pixels per latent cell: 2 ** (VAE blocks - 1), 8 for FLUX.1 (``FluxPipeline.vae_scale_factor``)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def normalize_latents(latents: torch.Tensor, vae: Any) -> torch.Tensor:
     """``(z - shift_factor) * scaling_factor`` from the VAE config (0.1159 / 0.3611 for FLUX.1; diffusers
-    ``train_dreambooth_lora_flux.py``)."""
-    return (latents - (vae_config.shift_factor or 0.0)) * vae_config.scaling_factor
+    ``train_dreambooth_lora_flux.py``); [B, 16, h, w] stays [B, 16, h, w]. ``vae`` is the VAE or its config."""
+    config = getattr(vae, "config", vae)
+    return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
 
 
 def denormalize_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
@@ -625,6 +484,39 @@ def text_ids(seq_len: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(seq_len, 3, device=device, dtype=dtype)
 
 
+def image_seq_len(latent_shape: tuple[int, ...]) -> int:
+    """Image tokens of a normalized latent [..., h, w]: one per 2×2 patch."""
+    return (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+
+
+def image_ids(latent_shape: tuple[int, ...], device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Position ids of a normalized latent [..., h, w] after packing (``latent_image_ids``)."""
+    return latent_image_ids(latent_shape[-2], latent_shape[-1], device, dtype)
+
+
+def predict(
+    model: Any,
+    noisy: torch.Tensor,
+    sigmas: torch.Tensor,
+    text: dict[str, torch.Tensor],
+    img_ids: torch.Tensor,
+    txt_ids: torch.Tensor,
+    guidance: float | None,
+) -> torch.Tensor:
+    """The transformer's velocity for noisy latents [B, 16, h, w] at ``sigmas`` [B], packed [B, tokens, 64], called
+    as ``FluxPipeline`` calls it: timestep = σ (the model scales by 1000), guidance embedded when given."""
+    return model(
+        hidden_states=pack_latents(noisy),
+        encoder_hidden_states=text["prompt_embeds"],
+        pooled_projections=text["pooled_prompt_embeds"],
+        timestep=sigmas.to(noisy.dtype),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=None if guidance is None else torch.full_like(sigmas, guidance),
+        return_dict=False,
+    )[0]
+
+
 # ---- sampling ------------------------------------------------------------------------------------------------------
 
 
@@ -636,50 +528,26 @@ def sample_images(
     steps: int,
     size: int | tuple[int, int],
     guidance: float,
-    prompt_embeds: torch.Tensor | None = None,
-    pooled_prompt_embeds: torch.Tensor | None = None,
+    text: dict[str, torch.Tensor] | None = None,
+    negative_text: dict[str, torch.Tensor] | None = None,
     max_sequence_length: int | None = None,
     batch_size: int | None = None,
 ) -> list[Image.Image]:
-    """Render every prompt × seed, prompt-major: ``[p0s0, p0s1, …, p1s0, …]``.
+    """Render every prompt × seed, prompt-major: ``[p0s0, p0s1, …, p1s0, …]`` (see ``common.render``).
 
-    Start noise comes from a CPU ``torch.Generator`` seeded per image, so a seed gives the same noise on any device
-    and in any batch. ``prompt_embeds``/``pooled_prompt_embeds`` ([len(prompts), …], from ``encode_prompts``) skip
-    the text encoders. ``batch_size`` images go through the transformer together (default: all seeds of one prompt).
-    ``max_sequence_length`` defaults to 256 for schnell (no guidance embedding) and 512 otherwise.
+    ``text`` (``encode_prompts`` of ``prompts``) skips the text encoders; ``negative_text`` is unused (FLUX.1-dev
+    is guidance-distilled: no negative prompt). ``max_sequence_length`` defaults to 256 for schnell (no guidance
+    embedding) and 512 otherwise.
     """
-    height, width = (size, size) if isinstance(size, int) else size
-    if height % 16 or width % 16 or height <= 0 or width <= 0:
-        raise FinetuneError(f"sample size {height}x{width} must be positive multiples of 16 (VAE ×8, 2×2 packing)")
-    if not prompts or not seeds:
-        return []
-    transformer = pipe.transformer
-    if prompt_embeds is None or pooled_prompt_embeds is None:
+    if text is None and prompts and seeds:
         if max_sequence_length is None:
-            max_sequence_length = 512 if transformer.config.guidance_embeds else 256
+            max_sequence_length = 512 if pipe.transformer.config.guidance_embeds else 256
         components = FluxComponents(**{f.name: getattr(pipe, f.name, None) for f in fields(FluxComponents)})
-        prompt_embeds, pooled_prompt_embeds = encode_prompts(components, prompts, max_sequence_length)
-    if prompt_embeds.shape[0] != len(prompts) or pooled_prompt_embeds.shape[0] != len(prompts):
-        raise ValueError(f"got embeddings for {prompt_embeds.shape[0]} prompts, expected {len(prompts)}")
-    prompt_embeds = prompt_embeds.to(device=transformer.device, dtype=transformer.dtype)
-    pooled_prompt_embeds = pooled_prompt_embeds.to(device=transformer.device, dtype=transformer.dtype)
+        text = encode_prompts(components, prompts, max_sequence_length)
+    return render(
+        pipe, prompts, seeds, size, text or {}, batch_size, num_inference_steps=steps, guidance_scale=guidance
+    )
 
-    jobs = [(i, seed) for i in range(len(prompts)) for seed in seeds]
-    batch_size = batch_size or len(seeds)
-    pipe.set_progress_bar_config(disable=True)
-    images: list[Image.Image] = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        index = torch.tensor([i for i, _ in chunk], device=transformer.device)
-        out = pipe(
-            prompt_embeds=prompt_embeds[index],
-            pooled_prompt_embeds=pooled_prompt_embeds[index],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            generator=[torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk],
-            output_type="pil",
-        )
-        images.extend(out.images)
-    return images
+
+def check_base_model(base_model: str, *, allow_distilled: bool = False) -> None:
+    """Nothing to refuse in FLUX.1: dev, schnell and Krea all train (schnell without guidance)."""

@@ -1,0 +1,382 @@
+"""What every model family shares: devices, dtypes, int8, and loading parts from a hub id or a diffusers folder.
+
+Parts load with the classes the model's ``model_index.json`` names (``["transformers", "T5TokenizerFast"]``), as
+``DiffusionPipeline.from_pretrained`` does, so any folder the family's pipeline loads also trains; a family's own
+classes are the fallback for a folder without ``model_index.json``. Hub ids go through the HF cache first (no
+network round trip when the weights are there) and honour ``HF_HUB_OFFLINE``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import EXIT_USAGE, FinetuneError
+
+# With torchao installed, importing diffusers' models imports it (diffusers' quantizer registry), and that logs about
+# CUDA kernels a CPU build lacks, torch pytree deprecations and pre-serialized checkpoints: none of it concerns
+# int8 weight-only quantization, and it would greet every run.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+__all__ = [
+    "HUB_ID_RE",
+    "QUANTIZE_HEADROOM_GIB",
+    "load_parts",
+    "model_index",
+    "preset_name",
+    "render",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_quantize",
+    "torchao_config",
+    "transformer_bf16_gib",
+]
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def preset_name(base_model: str) -> str | None:
+    """``tiny`` for ``preset:tiny``; None for anything else."""
+    return base_model.split(":", 1)[1] if base_model.startswith("preset:") else None
+
+
+# ---- devices and dtypes ----------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked to exist)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise FinetuneError(f"train.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError(f"train.device: {name!r} asked for CUDA but no CUDA GPU is visible; use cpu or auto")
+    return device
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """``auto`` → bfloat16 on CUDA, float32 elsewhere (CPU bf16 matmuls are slow and imprecise); else the name."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise FinetuneError(f"dtype {name!r} is not supported; use auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+# What training needs beside the bf16 transformer: activations at 1024 px, the VAE decoder, LoRA weights and Adam
+# state, CUDA context. FLUX.1-dev's 22.2 GiB + 14 = 36 GiB: int8 on 24 and 32 GB cards, bf16 on 40 GB and up.
+QUANTIZE_HEADROOM_GIB = 14.0
+
+
+def resolve_quantize(
+    name: str, device: str | torch.device, setting: str = "train.quantize", *, weights_gib: float = 22.2
+) -> str | None:
+    """``train.quantize`` → ``"int8"`` or None. ``auto`` is int8 on a CUDA GPU whose memory is below the model's
+    bf16 transformer (``weights_gib``) plus ``QUANTIZE_HEADROOM_GIB``, else None.
+
+    Raises:
+        FinetuneError: an unknown name, or int8 without torchao installed (checked here, before any model loads);
+            ``setting`` names the option in the message (``train.quantize``, ``--quantize``).
+    """
+    device = torch.device(device)
+    set_none = f"{setting} none" if setting.startswith("--") else f"{setting}=none"
+    if name == "auto":
+        small = (
+            device.type == "cuda"
+            and torch.cuda.get_device_properties(device).total_memory < (weights_gib + QUANTIZE_HEADROOM_GIB) * 2**30
+        )
+        name = "int8" if small else "none"
+    if name == "none":
+        return None
+    if name != "int8":
+        raise FinetuneError(f"{setting}: {name!r} is not supported; use auto, none or int8", EXIT_USAGE)
+    try:
+        import torchao  # noqa: F401
+    except ImportError as e:
+        need = weights_gib + QUANTIZE_HEADROOM_GIB
+        raise FinetuneError(
+            f"{setting}: int8 needs torchao, which is not installed; run `pip install 'finetune[quantize]'`, "
+            f"or set {set_none} (this model in bf16 needs a GPU with about {need:.0f} GiB or more)",
+            EXIT_USAGE,
+        ) from e
+    return name
+
+
+def torchao_config(quantize: str) -> Any:
+    """torchao's int8 weight-only config: one int8 per weight plus one scale per output channel; activations and
+    the matmul stay in the compute dtype (torchao ``Int8WeightOnlyConfig``)."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    assert quantize == "int8", quantize
+    return Int8WeightOnlyConfig()
+
+
+def transformer_bf16_gib(base_model: str, known: Mapping[str, float]) -> float:
+    """The transformer's size in bf16, GiB: from a local folder's safetensors headers (parameter count × 2 bytes),
+    else ``known`` (hub id → GiB, from the model cards), else the largest known figure (the safe side)."""
+    folder = Path(base_model).expanduser() / "transformer"
+    if preset_name(base_model) is not None:
+        return 0.0
+    if folder.is_dir():
+        count = 0
+        for f in folder.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    n = 1
+                    for d in entry["shape"]:
+                        n *= d
+                    count += n
+        if count:
+            return count * 2 / 2**30
+    return known.get(base_model, max(known.values(), default=0.0))
+
+
+# ---- loading -------------------------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_cache() -> str:
+    """The hub cache folder, read now (huggingface_hub reads HF_HUB_CACHE/HF_HOME once, at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _chain_text(error: BaseException) -> str:
+    texts, seen = [], set()
+    while error is not None and id(error) not in seen:  # hub errors arrive wrapped in OSError by the loaders
+        seen.add(id(error))
+        texts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
+
+
+def _missing_weights_error(base_model: str, part: str, error: Exception, layout: str) -> FinetuneError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    chain = _chain_text(error)
+    if any(s in chain for s in ("GatedRepoError", "gated", " 401 ", " 403 ", "401 Client", "403 Client")):
+        cause = f"{base_model} is a gated repository and this machine has no access to it yet"
+    elif _offline():
+        cause = f"{base_model} ({part}) is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    elif any(s in chain for s in ("RepositoryNotFoundError", "404 Client", "Repository Not Found")):
+        cause = f"there is no repository {base_model} on the Hugging Face Hub (check the spelling)"
+    elif any(s in chain for s in ("Name or service not known", "name resolution", "ConnectError", "ConnectionError")):
+        cause = f"{base_model} ({part}) is not in the Hugging Face cache and huggingface.co cannot be reached"
+    else:
+        cause = f"{base_model} ({part}) is not in the Hugging Face cache and could not be downloaded"
+    return FinetuneError(
+        f"base_model: cannot load '{part}' of {base_model}: {cause} ({type(error).__name__}: {reason}).\n"
+        f"To fix: accept the licence on https://huggingface.co/{base_model}, run `hf auth login` (or set HF_TOKEN) "
+        "and run again with network access once to fill the cache; or set base_model to a local folder in diffusers "
+        f"layout ({layout}), or to a preset: for random-weight test models.",
+        EXIT_USAGE,
+    )
+
+
+def model_index(base_model: str) -> dict | None:
+    """The model's ``model_index.json`` (a folder's, or a hub id's from the HF cache, fetched when online); None
+    for a preset or when it cannot be had (the loaders then say why)."""
+    if preset_name(base_model) is not None:
+        return None
+    folder = Path(base_model).expanduser()
+    if folder.is_dir():
+        path = folder / "model_index.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not HUB_ID_RE.match(base_model):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    for local_only in (True, False) if not _offline() else (True,):
+        try:
+            path = hf_hub_download(base_model, "model_index.json", cache_dir=_hub_cache(), local_files_only=local_only)
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except Exception:  # not cached, gated, offline, no such repo: the part loaders report it precisely
+            continue
+    return None
+
+
+def _source(base_model: str, parts: tuple[str, ...], example: str, pipeline: str) -> tuple[str, bool, bool]:
+    """(source, local files only, is a folder) for a hub id or folder; bad names are errors that say what to pass."""
+    folder = Path(base_model).expanduser()
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file() and not all((folder / p).is_dir() for p in parts):
+            raise FinetuneError(
+                f"base_model: {folder} is not a diffusers {pipeline} folder (no model_index.json and no "
+                f"{'/, '.join(parts)}/ subfolders); save one with {pipeline}.save_pretrained",
+            )
+        return str(folder), True, True
+    if base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or "\\" in base_model:
+        raise FinetuneError(
+            f"base_model: folder {base_model} does not exist; pass an existing diffusers folder, a hub id such "
+            f"as {example}, or a preset: name"
+        )
+    if not HUB_ID_RE.match(base_model):
+        raise FinetuneError(
+            f"base_model: {base_model!r} is neither a folder nor a hub id (owner/name); e.g. {example}, a local "
+            "folder, or a preset: name"
+        )
+    return base_model, _offline(), False
+
+
+def _class(library: str, name: str) -> type:
+    try:
+        return getattr(importlib.import_module(library), name)
+    except (ImportError, AttributeError) as e:
+        raise FinetuneError(
+            f"base_model: model_index.json names {library}.{name}, which cannot be imported ({e})"
+        ) from e
+
+
+def _load_part(source: str, part: str, cls: type, dtype: torch.dtype, local_only: bool, quantize: str | None) -> Any:
+    kwargs: dict[str, Any] = {"subfolder": part, "local_files_only": local_only}
+    if not Path(source).is_dir():
+        kwargs["cache_dir"] = _hub_cache()
+    if not issubclass(cls, torch.nn.Module):  # tokenizers, processors, schedulers: config only
+        return cls.from_pretrained(source, **kwargs)
+    if cls.__module__.startswith("diffusers"):
+        if quantize and part == "transformer":  # quantized tensor by tensor as it loads: never all of it in bf16
+            from diffusers import TorchAoConfig
+
+            kwargs["quantization_config"] = TorchAoConfig(torchao_config(quantize))
+        return cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
+    return cls.from_pretrained(source, dtype=dtype, **kwargs)
+
+
+def load_parts(
+    base_model: str,
+    wanted: tuple[str, ...],
+    *,
+    default_classes: Mapping[str, tuple[str, str]],
+    build_preset: Callable[[str], Mapping[str, Any]],
+    dtype: torch.dtype,
+    device: torch.device,
+    quantize: str | None,
+    example: str,
+    pipeline: str,
+    layout: str,
+) -> dict[str, Any]:
+    """Load ``wanted`` parts of a preset, hub id or folder: modules in eval mode, frozen, on ``device`` in ``dtype``.
+
+    Classes come from ``model_index.json`` (``default_classes`` when a folder has none). ``quantize="int8"`` stores
+    the transformer's Linear weights in int8 on the CPU before it moves to ``device``, so the values are the same on
+    every device and process. ``example`` (a hub id), ``pipeline`` (its class) and ``layout`` (subfolders) go into
+    error messages.
+    """
+    preset = preset_name(base_model)
+    if preset is not None:
+        built = build_preset(preset)
+        loaded = {p: built[p] for p in wanted}
+    else:
+        source, local_only, is_folder = _source(base_model, wanted, example, pipeline)
+        index = model_index(base_model) or {}
+        loaded = {}
+        for part in wanted:
+            library, name = index.get(part) or default_classes[part]
+            cls = _class(library, name)
+            try:
+                try:  # the cache first: no network round trips (and no retries) when the weights are already here
+                    loaded[part] = _load_part(source, part, cls, dtype, True, quantize)
+                except Exception:
+                    if local_only:
+                        raise
+                    loaded[part] = _load_part(source, part, cls, dtype, False, quantize)
+            except Exception as e:  # hub, cache and file errors come in many types; all mean "weights missing"
+                if is_folder:
+                    raise FinetuneError(f"base_model: cannot load '{part}' from {source}: {e}") from e
+                raise _missing_weights_error(base_model, part, e, layout) from e
+
+    for part, module in loaded.items():
+        if isinstance(module, torch.nn.Module):
+            if preset is not None:  # built in float32; loaded parts already came in ``dtype`` (fp32-pinned parts kept)
+                torch.nn.Module.to(module, dtype=dtype)  # plain Module.to: diffusers' .to warns about an empty list
+                if quantize and part == "transformer":  # a loaded transformer came quantized by from_pretrained
+                    from torchao.quantization import quantize_
+
+                    quantize_(module, torchao_config(quantize))
+            module.to(device).eval().requires_grad_(False)
+    return loaded
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+
+
+def render(
+    pipe: Any,
+    prompts: list[str],
+    seeds: list[int],
+    size: int | tuple[int, int],
+    text: Mapping[str, torch.Tensor],
+    batch_size: int | None,
+    **call: Any,
+) -> list:
+    """Render every prompt × seed with ``pipe``, prompt-major: ``[p0s0, p0s1, …, p1s0, …]``, as PIL images.
+
+    ``text`` maps the pipeline's embedding arguments (``prompt_embeds``, ...) to [len(prompts), ...] tensors; a
+    ``negative_*`` entry holds one row, shared by every image. Start noise comes from a CPU ``torch.Generator`` seeded
+    per image, so a seed gives the same noise on any device and in any batch. ``batch_size`` images go through the
+    transformer together (default: all seeds of one prompt). ``call`` goes to the pipeline as is (steps, guidance).
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    if height % 16 or width % 16 or height <= 0 or width <= 0:
+        raise FinetuneError(f"sample size {height}x{width} must be positive multiples of 16 (VAE ×8, 2×2 packing)")
+    if not prompts or not seeds:
+        return []
+    transformer = pipe.transformer
+    for name, tensor in text.items():
+        rows = 1 if name.startswith("negative_") else len(prompts)
+        if tensor.shape[0] != rows:
+            raise ValueError(f"got {name} for {tensor.shape[0]} prompts, expected {rows}")
+    text = {k: v.to(device=transformer.device, dtype=transformer.dtype) for k, v in text.items()}
+
+    jobs = [(i, seed) for i in range(len(prompts)) for seed in seeds]
+    batch_size = batch_size or len(seeds)
+    pipe.set_progress_bar_config(disable=True)
+    images: list = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        index = torch.tensor([i for i, _ in chunk], device=transformer.device)
+        embeds = {
+            k: v.expand(len(chunk), *v.shape[1:]) if k.startswith("negative_") else v[index] for k, v in text.items()
+        }
+        out = pipe(
+            **embeds,
+            height=height,
+            width=width,
+            generator=[torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk],
+            output_type="pil",
+            **call,
+        )
+        images.extend(out.images)
+    return images
