@@ -38,7 +38,7 @@ DEFAULT_PROMPTS = (
     "an oil painting of [trigger]",
     "a photo of a cat sitting on a chair",
 )
-SIGMA_SAMPLING_RE = re.compile(r"^(flux_shift|logit_normal|uniform|shift=\d+(\.\d+)?)$")
+SIGMA_SAMPLING_RE = re.compile(r"^(flux_shift|flux2_shift|logit_normal|uniform|shift=\d+(\.\d+)?)$")
 OUTPUT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -89,10 +89,12 @@ class TrainConfig:
         "int8: frozen transformer weights in int8 (torchao), half of bf16, so FLUX.1 trains on 24 GB; "
         "auto: int8 on CUDA GPUs under 36 GiB.",
     )
-    caption_dropout: float = _field(0.05, "Probability of training on the empty caption.", ge=0.0, le=1.0)
+    caption_dropout: float = _field(
+        0.05, "Probability of training on the empty caption; FLUX.2 [klein] uses 0.1 unless set.", ge=0.0, le=1.0
+    )
     sigma_sampling: str = _field(
         "flux_shift",
-        "flux_shift (logit-normal + resolution shift), logit_normal, uniform, or shift=N (fixed shift).",
+        "flux_shift (logit-normal + resolution shift; flux2_shift is the same), logit_normal, uniform, or shift=N.",
         pattern=SIGMA_SAMPLING_RE,
     )
     guidance: float = _field(

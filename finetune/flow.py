@@ -25,7 +25,7 @@ __all__ = [
     "shift_sigmas",
 ]
 
-SIGMA_MODES = ("flux_shift", "logit_normal", "uniform", "shift=N")
+SIGMA_MODES = ("flux_shift", "flux2_shift", "logit_normal", "uniform", "shift=N")
 _FIXED_SHIFT_RE = re.compile(r"^shift=(\d+(?:\.\d+)?)$")
 
 
@@ -81,7 +81,8 @@ def sample_sigmas(mode: str, batch_size: int, image_seq_len: int, generator: tor
     Modes:
         ``logit_normal``: σ = sigmoid(n), n ~ N(0, 1) (SD3 paper, arXiv:2403.03206 §3.1 "logit-normal sampling").
         ``flux_shift``: logit-normal, then ``shift_sigmas`` with the FLUX shift ``e^μ(image_seq_len)`` (the default;
-            kohya ``--timestep_sampling flux_shift``).
+            kohya ``--timestep_sampling flux_shift``). ``flux2_shift`` is the same map (musubi-tuner's name for
+            FLUX.2: μ linear 0.5 → 1.15 in the packed token count, ``trainer_base.py``).
         ``shift=N``: logit-normal, then a fixed shift N (kohya ``--timestep_sampling shift``; 3.1582 = 1024²).
         ``uniform``: σ ~ U(0, 1) (diffusers ``--weighting_scheme none``).
 
@@ -94,10 +95,10 @@ def sample_sigmas(mode: str, batch_size: int, image_seq_len: int, generator: tor
     if mode == "uniform":
         return torch.rand(batch_size, generator=generator, device=device)
     fixed = _fixed_shift(mode)
-    if mode not in ("flux_shift", "logit_normal") and fixed is None:
+    if mode not in ("flux_shift", "flux2_shift", "logit_normal") and fixed is None:
         raise ValueError(f"unknown sigma sampling mode {mode!r}: use one of {', '.join(SIGMA_MODES)} (e.g. shift=3)")
     sigmas = torch.sigmoid(torch.randn(batch_size, generator=generator, device=device))
-    if mode == "flux_shift":
+    if mode in ("flux_shift", "flux2_shift"):
         return shift_sigmas(sigmas, flux_shift(image_seq_len))
     if fixed is not None:
         return shift_sigmas(sigmas, fixed)

@@ -357,11 +357,14 @@ def save_lora(
     trigger_word: str,
     targets: str | list[str],
     dtype: torch.dtype | None = None,
+    alpha_keys: bool = True,
 ) -> Path:
     """Write the LoRA file (the contract in this module's docstring) atomically, in a fixed byte form.
 
     ``.alpha`` tensors already in ``state_dict`` are dropped and re-derived from ``alpha`` (always float32).
-    ``dtype`` casts the A/B tensors (None keeps theirs).
+    ``dtype`` casts the A/B tensors (None keeps theirs). ``alpha_keys=False`` never writes ``.alpha`` tensors and
+    always writes diffusers' adapter metadata instead: diffusers' FLUX.2 loader refuses ``transformer.*.alpha`` keys
+    ("Invalid adapter checkpoint") and reads the trained scale from the metadata.
     """
     import torch
 
@@ -380,7 +383,7 @@ def save_lora(
         "finetune.trigger_word": str(trigger_word),
         "finetune.targets": targets if isinstance(targets, str) else json.dumps(list(targets)),
     }
-    if float(alpha) != float(rank):
+    if alpha_keys and float(alpha) != float(rank):
         for module in modules:
             tensors[f"{_PREFIX}{module}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     else:

@@ -45,9 +45,11 @@ class Family(Protocol):
     HUB_IDS: tuple[str, ...]  # known base models
     TEXT_PARTS: tuple[str, ...]  # the parts encode_prompts needs (their tokenizers come along)
     TEXT_KEYS: tuple[str, ...]  # the tensors encode_prompts returns, as cached and fed to predict
+    LORA_ALPHA_KEYS: bool  # the LoRA file carries .alpha tensors (lora.save_lora)
     TRUE_CFG: bool  # sampling needs the empty prompt's embedding as the negative (klein base)
 
-    def check_base_model(self, base_model: str, *, allow_distilled: bool = False) -> None: ...
+    def check_config(self, cfg: Any) -> None: ...  # refuse what the family cannot train, before any model loads
+    def default_caption_dropout(self, base_model: str) -> float | None: ...  # None: the config's default
     def load_components(
         self, base_model: str, *, dtype: Any = None, device: Any = "cpu", parts: tuple = ..., quantize: Any = None
     ) -> Any: ...

@@ -29,6 +29,7 @@ for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.to
 
 __all__ = [
     "HUB_ID_RE",
+    "check_folder_parts",
     "QUANTIZE_HEADROOM_GIB",
     "load_parts",
     "model_index",
@@ -250,6 +251,24 @@ def _source(base_model: str, parts: tuple[str, ...], example: str, pipeline: str
     return base_model, _offline(), False
 
 
+def check_folder_parts(base_model: str, parts: tuple[str, ...], pipeline: str) -> None:
+    """A local folder must hold every subfolder training loads; said before any model loads.
+
+    Raises:
+        FinetuneError: naming the missing subfolders and how to write a complete folder.
+    """
+    folder = Path(base_model).expanduser()
+    if preset_name(base_model) is not None or not folder.is_dir():
+        return
+    missing = [p for p in parts if not (folder / p).is_dir()]
+    if missing:
+        raise FinetuneError(
+            f"base_model: {folder} has no {', '.join(p + '/' for p in missing)} (a {pipeline} folder has "
+            f"{', '.join(p + '/' for p in parts)}); save the whole pipeline with {pipeline}.save_pretrained",
+            EXIT_USAGE,
+        )
+
+
 def _class(library: str, name: str) -> type:
     try:
         return getattr(importlib.import_module(library), name)
@@ -286,13 +305,15 @@ def load_parts(
     example: str,
     pipeline: str,
     layout: str,
+    substitutes: Mapping[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Load ``wanted`` parts of a preset, hub id or folder: modules in eval mode, frozen, on ``device`` in ``dtype``.
 
     Classes come from ``model_index.json`` (``default_classes`` when a folder has none). ``quantize="int8"`` stores
     the transformer's Linear weights in int8 on the CPU before it moves to ``device``, so the values are the same on
     every device and process. ``example`` (a hub id), ``pipeline`` (its class) and ``layout`` (subfolders) go into
-    error messages.
+    error messages. ``substitutes`` maps a class name in ``model_index.json`` to the class that loads instead
+    (FLUX.2 [dev]'s ``PixtralProcessor`` needs torchvision for its image half; training needs the tokenizer only).
     """
     preset = preset_name(base_model)
     if preset is not None:
@@ -304,6 +325,7 @@ def load_parts(
         loaded = {}
         for part in wanted:
             library, name = index.get(part) or default_classes[part]
+            library, name = (substitutes or {}).get(name, (library, name))
             cls = _class(library, name)
             try:
                 try:  # the cache first: no network round trips (and no retries) when the weights are already here

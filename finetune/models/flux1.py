@@ -21,17 +21,28 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.files import atomic_dir
-from finetune.models.common import load_parts, preset_name, render, resolve_dtype, transformer_bf16_gib
+from finetune.models.common import (
+    check_folder_parts,
+    load_parts,
+    preset_name,
+    render,
+    resolve_dtype,
+    transformer_bf16_gib,
+)
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
     from PIL import Image
+
+    from finetune.config import Config
 
 __all__ = [
     "PARTS",
     "PRESET_NAMES",
     "FluxComponents",
     "build_preset",
+    "check_config",
+    "default_caption_dropout",
     "default_sampling",
     "denormalize_latents",
     "encode_images",
@@ -67,6 +78,7 @@ HUB_IDS = (
 EXAMPLE = "black-forest-labs/FLUX.1-dev"
 TEXT_PARTS = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled) and T5-XXL (hidden states)
 TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+LORA_ALPHA_KEYS = True  # .alpha tensors: ComfyUI applies alpha/rank from them (diffusers reads them too)
 TRUE_CFG = False  # guidance-distilled (dev) or timestep-distilled (schnell): no negative prompt when sampling
 PRESET_NAMES = ("tiny", "small")
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -549,5 +561,15 @@ def sample_images(
     )
 
 
-def check_base_model(base_model: str, *, allow_distilled: bool = False) -> None:
-    """Nothing to refuse in FLUX.1: dev, schnell and Krea all train (schnell without guidance)."""
+def check_config(cfg: Config) -> None:
+    """A local folder must hold every part training loads; dev, schnell and Krea all train (schnell unguided).
+
+    Raises:
+        FinetuneError: a folder without one of the parts.
+    """
+    check_folder_parts(cfg.base_model, PARTS, "FluxPipeline")
+
+
+def default_caption_dropout(base_model: str) -> float | None:
+    """None: the config's default (0.05) serves FLUX.1."""
+    return None

@@ -12,6 +12,7 @@ the main process writes the cache, checkpoints, samples and the registry entry.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import importlib.util
@@ -62,7 +63,10 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     t0 = time.perf_counter()
     # ---- setup: everything that can fail cheaply fails before a model loads -------------------------------------
     family = models.family_for(cfg.base_model)
-    family.check_base_model(cfg.base_model, allow_distilled=cfg.train.allow_distilled)
+    family.check_config(cfg)
+    dropout = family.default_caption_dropout(cfg.base_model)
+    if dropout is not None and "train.caption_dropout" not in cfg.explicit:  # recorded in the run's config
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, caption_dropout=dropout))
     dataset = read_dataset(cfg.dataset, cfg.trigger_word)
     cpu = models.resolve_device(cfg.train.device).type == "cpu"
     processes = PartialState(cpu=cpu)  # joins `accelerate launch` / torchrun process groups
@@ -244,7 +248,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         bar.update(1)
         if cfg.train.save_every and done % cfg.train.save_every == 0 or done == cfg.train.steps:
             if main:
-                _save(cfg, run_dir, done, transformer, optimizer, scheduler, dataset.digest)
+                _save(cfg, family, run_dir, done, transformer, optimizer, scheduler, dataset.digest)
             accelerator.wait_for_everyone()
         if cfg.sample.every and done % cfg.sample.every == 0 and done != cfg.train.steps:
             t_eval = time.perf_counter()
@@ -267,6 +271,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             trigger_word=cfg.trigger_word,
             targets=cfg.lora.targets,
             dtype=models.resolve_dtype(cfg.lora.save_dtype, "cpu"),
+            alpha_keys=family.LORA_ALPHA_KEYS,
         )
         timings = {"total_s": time.perf_counter() - t0, "cache_s": cache_s, "train_s": train_s}
         timings["s_per_step"] = train_s / max(1, cfg.train.steps - start)
@@ -606,7 +611,7 @@ def _peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}G"  # Linux reports KiB
 
 
-def _save(cfg, run_dir, step, transformer, optimizer, scheduler, digest) -> None:
+def _save(cfg, family, run_dir, step, transformer, optimizer, scheduler, digest) -> None:
     weights = lora.lora_state_dict(transformer)
     state = {  # the LoRA itself is stored once, in the checkpoint's lora.safetensors
         "optimizer": optimizer.state_dict(),
@@ -624,6 +629,7 @@ def _save(cfg, run_dir, step, transformer, optimizer, scheduler, digest) -> None
         base_model=cfg.base_model,
         trigger_word=cfg.trigger_word,
         targets=cfg.lora.targets,
+        alpha_keys=family.LORA_ALPHA_KEYS,
     )
     checkpoint.save_checkpoint(run_dir, step, state, write, dump_config(cfg))
     log.info("checkpoint %s", checkpoint.checkpoint_dir(run_dir, step))
