@@ -29,6 +29,8 @@ for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.to
 
 __all__ = [
     "HUB_ID_RE",
+    "PRESET_WORDS",
+    "bytes_to_unicode",
     "check_folder_parts",
     "QUANTIZE_HEADROOM_GIB",
     "load_parts",
@@ -43,11 +45,32 @@ __all__ = [
 ]
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Words that get whole-word tokens in the presets' tokenizers; anything else still tokenizes (bytes / characters).
+PRESET_WORDS = tuple(
+    "a an the of on in at with and by for to from is photo picture painting drawing portrait oil style art "
+    "cat dog man woman person face beach sunset sunrise sky city street forest mountain river sea snow rain "
+    "chair table house car tree flower red blue green yellow black white dark light studio lighting close up "
+    "sitting standing wearing hat shirt tok sks ohwx detailed high quality cinematic watercolor sketch".split()
+)
 
 
 def preset_name(base_model: str) -> str | None:
     """``tiny`` for ``preset:tiny``; None for anything else."""
     return base_model.split(":", 1)[1] if base_model.startswith("preset:") else None
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: each byte maps to a printable character (openai/CLIP simple_tokenizer.py)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
 
 
 # ---- devices and dtypes ----------------------------------------------------------------------------------------

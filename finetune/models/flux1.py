@@ -22,6 +22,8 @@ import torch
 from finetune.errors import FinetuneError
 from finetune.files import atomic_dir
 from finetune.models.common import (
+    PRESET_WORDS,
+    bytes_to_unicode,
     check_folder_parts,
     load_parts,
     preset_name,
@@ -144,13 +146,6 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 _PRESET_VOCAB = 1000
-# Words that get whole-word tokens in the preset tokenizers; anything else still tokenizes (bytes / characters).
-_PRESET_WORDS = (
-    "a an the of on in at with and by for to from is photo picture painting drawing portrait oil style art "
-    "cat dog man woman person face beach sunset sunrise sky city street forest mountain river sea snow rain "
-    "chair table house car tree flower red blue green yellow black white dark light studio lighting close up "
-    "sitting standing wearing hat shirt tok sks ohwx detailed high quality cinematic watercolor sketch"
-).split()
 
 
 @dataclass
@@ -203,28 +198,14 @@ def default_sampling(base_model: str) -> dict[str, Any]:
 # ---- presets -------------------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: each byte maps to a printable character (openai/CLIP simple_tokenizer.py)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 def _build_clip_tokenizer() -> Any:
     """A byte-level BPE in CLIP's layout (bytes, bytes+``</w>``, merges, then the two specials) under 1000 tokens."""
     from transformers import CLIPTokenizer
 
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     vocab = {ch: i for i, ch in enumerate(alphabet + [ch + "</w>" for ch in alphabet])}
     merges: list[tuple[str, str]] = []
-    for word in _PRESET_WORDS:  # one left-to-right merge chain per word: deterministic, no trainer involved
+    for word in PRESET_WORDS:  # one left-to-right merge chain per word: deterministic, no trainer involved
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         left = symbols[0]
         for right in symbols[1:]:
@@ -245,7 +226,7 @@ def _build_t5_tokenizer() -> Any:
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(chr(c), -10.0) for c in range(ord("!"), ord("~") + 1)]
-    pieces += [("▁" + w, -3.0 - 0.1 * len(w)) for w in _PRESET_WORDS]
+    pieces += [("▁" + w, -3.0 - 0.1 * len(w)) for w in PRESET_WORDS]
     assert len(pieces) <= _PRESET_VOCAB
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
