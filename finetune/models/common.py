@@ -229,9 +229,9 @@ def _missing_weights_error(base_model: str, part: str, error: Exception, layout:
     )
 
 
-def model_index(base_model: str) -> dict | None:
-    """The model's ``model_index.json`` (a folder's, or a hub id's from the HF cache, fetched when online); None
-    for a preset or when it cannot be had (the loaders then say why)."""
+def model_index(base_model: str, *, online: bool = True) -> dict | None:
+    """The model's ``model_index.json`` (a folder's, or a hub id's from the HF cache, fetched when ``online`` and
+    not offline); None for a preset or when it cannot be had (the loaders then say why)."""
     if preset_name(base_model) is not None:
         return None
     folder = Path(base_model).expanduser()
@@ -242,7 +242,7 @@ def model_index(base_model: str) -> dict | None:
         return None
     from huggingface_hub import hf_hub_download
 
-    for local_only in (True, False) if not _offline() else (True,):
+    for local_only in (True, False) if online and not _offline() else (True,):
         try:
             path = hf_hub_download(base_model, "model_index.json", cache_dir=_hub_cache(), local_files_only=local_only)
             return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -126,7 +126,9 @@ def is_klein(base_model: str) -> bool:
         return preset != "flux2-dev-tiny"
     if "klein" in base_model.lower():
         return True
-    index = common.model_index(base_model) or {}
+    if base_model == DEV:
+        return False
+    index = common.model_index(base_model, online=False) or {}
     return index.get("_class_name") == "Flux2KleinPipeline"
 
 
@@ -137,7 +139,7 @@ def is_distilled(base_model: str) -> bool:
         return True
     if preset_name(base_model) is not None or not is_klein(base_model):
         return False
-    return bool((common.model_index(base_model) or {}).get("is_distilled", False))
+    return bool((common.model_index(base_model, online=False) or {}).get("is_distilled", False))
 
 
 def check_config(cfg: Config) -> None:

@@ -1,0 +1,172 @@
+"""FLUX.2 ([klein] and [dev]) equals its diffusers pipelines: what the trainer caches and feeds the transformer is
+what Flux2KleinPipeline / Flux2Pipeline compute for the same input (issue 11). Presets are built in process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finetune.config import parse_config
+from finetune.errors import FinetuneError
+from finetune.models import flux2
+
+KLEIN, DEV = "flux2-tiny", "flux2-dev-tiny"
+PROMPTS = ["a photo of TOK on a beach", "", "an oil painting of a cat " * 60]  # the last is truncated at 512
+
+
+@pytest.fixture(scope="module")
+def klein_dir(tmp_path_factory):
+    return flux2.save_preset(KLEIN, tmp_path_factory.mktemp("flux2") / "klein")
+
+
+@pytest.fixture(scope="module")
+def dev_dir(tmp_path_factory):
+    return flux2.save_preset(DEV, tmp_path_factory.mktemp("flux2") / "dev")
+
+
+def _pipeline(folder):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(folder)
+
+
+def test_presets_are_deterministic_and_shaped_as_the_issue_asks():
+    a, b, c = flux2.build_preset(KLEIN, 0), flux2.build_preset(KLEIN, 0), flux2.build_preset(KLEIN, 1)
+    sa, sb, sc = a.transformer.state_dict(), b.transformer.state_dict(), c.transformer.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and not all(torch.equal(sa[k], sc[k]) for k in sa)
+    small = flux2.build_preset("flux2-small")
+    config = small.transformer.config
+    assert (config.num_layers, config.num_single_layers, config.attention_head_dim, config.num_attention_heads) == (
+        2,
+        4,
+        64,
+        4,
+    )
+    assert tuple(config.axes_dims_rope) == (16, 16, 16, 16) and not config.guidance_embeds
+    assert config.joint_attention_dim == 3 * small.text_encoder.config.hidden_size
+    assert small.text_encoder.config.num_hidden_layers == 28  # hidden_states[27] exists
+    bn = small.vae.bn
+    assert bn.running_mean.abs().max() > 0.1 and (bn.running_var - 1).abs().max() > 0.1  # not 0 and 1
+    dev = flux2.build_preset(DEV)
+    assert dev.transformer.config.guidance_embeds and dev.text_encoder.config.text_config.num_hidden_layers >= 31
+
+
+@pytest.mark.parametrize("preset", [KLEIN, DEV])
+def test_saved_preset_loads_in_its_pipeline_and_in_load_components(preset, klein_dir, dev_dir):
+    folder = klein_dir if preset == KLEIN else dev_dir
+    pipe = _pipeline(folder)
+    assert type(pipe).__name__ == ("Flux2KleinPipeline" if preset == KLEIN else "Flux2Pipeline")
+    c = flux2.load_components(str(folder), parts=("transformer", "vae", "text_encoder"))
+    built = flux2.build_preset(preset)
+    for part in ("transformer", "vae", "text_encoder"):
+        ours, theirs = getattr(c, part).state_dict(), getattr(built, part).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), part
+    assert flux2.is_klein(str(folder)) == (preset == KLEIN)
+
+
+@pytest.mark.parametrize("preset", [KLEIN, DEV])
+def test_encode_prompts_equals_the_pipeline_encode_prompt(preset, klein_dir, dev_dir):
+    folder = klein_dir if preset == KLEIN else dev_dir
+    pipe = _pipeline(folder)
+    c = flux2.load_components(str(folder), parts=("text_encoder",))
+    ours = flux2.encode_prompts(c, PROMPTS, 512)["prompt_embeds"]
+    theirs, text_ids = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=512)
+    assert ours.shape == (3, 512, 96)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert not torch.allclose(ours[0], ours[1])
+    torch.testing.assert_close(flux2.text_ids(512, "cpu", torch.int64), text_ids[0], rtol=0, atol=0)
+    # the bug this guards against (diffusers#13445: klein's script stacks other layers): one layer off shows
+    if preset == KLEIN:
+        wrong = pipe.encode_prompt(PROMPTS, device="cpu", text_encoder_out_layers=(10, 18, 27))[0]
+        assert not torch.allclose(ours, wrong, atol=1e-3)
+
+
+def test_latents_and_ids_equal_the_pipeline(klein_dir):
+    pipe = _pipeline(klein_dir)
+    c = flux2.load_components(str(klein_dir), parts=("vae",))
+    pixels = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, std = flux2.encode_images(c.vae, pixels)
+    assert mean.shape == std.shape == (2, 32, 8, 6) and bool((std > 0).all())
+    z = flux2.normalize_latents(mean, c.vae)
+    reference = pipe._encode_vae_image(pixels, generator=None)  # the pipeline encodes with the mean (argmax)
+    assert z.shape == (2, 128, 4, 3)
+    torch.testing.assert_close(z, reference, rtol=0, atol=1e-6)
+    assert not torch.allclose(z, flux2.patchify_latents(mean), atol=1e-2)  # the batch norm matters here
+    torch.testing.assert_close(flux2.pack_latents(z), pipe._pack_latents(z), rtol=0, atol=0)
+    ids = flux2.image_ids(z.shape, "cpu", torch.int64)
+    torch.testing.assert_close(ids, pipe._prepare_latent_ids(z)[0], rtol=0, atol=0)
+    assert flux2.image_seq_len(z.shape) == 12
+
+
+@pytest.mark.parametrize("preset", [KLEIN, DEV])
+def test_one_transformer_call_equals_the_pipeline(preset, klein_dir, dev_dir):
+    """The pipeline's first denoising call, recorded; ``predict`` on the same latents, σ and cached text gives the
+    same velocity (timestep convention, guidance, ids, packing)."""
+    folder = klein_dir if preset == KLEIN else dev_dir
+    pipe = _pipeline(folder)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
+    )
+    guidance = 1.0 if preset == KLEIN else 4.0  # klein: no CFG, so the first call is the prompt's
+    pipe(prompt=PROMPTS[0], height=64, width=48, num_inference_steps=2, guidance_scale=guidance, output_type="latent")
+    hook.remove()
+    kwargs, reference = calls[0]
+    c = flux2.load_components(str(folder), parts=("text_encoder",))
+    text = flux2.encode_prompts(c, PROMPTS[:1], 512)
+    b, tokens, channels = kwargs["hidden_states"].shape
+    noisy = kwargs["hidden_states"].permute(0, 2, 1).reshape(b, channels, 4, 3)  # unpack [B, h·w, 128]
+    sigma = kwargs["timestep"]
+    ours = flux2.predict(
+        pipe.transformer,
+        noisy,
+        sigma,
+        text,
+        flux2.image_ids(noisy.shape, "cpu", torch.float32),
+        flux2.text_ids(512, "cpu", torch.float32),
+        None if preset == KLEIN else guidance,
+    )
+    assert 0 < float(sigma[0]) <= 1  # the pipeline passes σ, not σ·1000
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+def _config(base: str, **extra) -> object:
+    return parse_config({"base_model": base, "output": "me/tok", "dataset": "/nonexistent.zip", **extra})
+
+
+def test_a_distilled_klein_base_is_refused_with_the_key_that_overrides_it(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
+    for base in ("black-forest-labs/FLUX.2-klein-4B", str(tmp_path)):
+        with pytest.raises(
+            FinetuneError, match=r"step-distilled.*collapse.*klein-base-4B.*train.allow_distilled"
+        ) as e:
+            flux2.check_config(_config(base))
+        assert e.value.exit_code == 2
+    assert flux2.is_distilled("black-forest-labs/FLUX.2-klein-9B")
+    assert not flux2.is_distilled("black-forest-labs/FLUX.2-klein-base-9B")
+
+
+def test_guidance_is_refused_for_klein_and_kept_for_dev():
+    with pytest.raises(FinetuneError, match="train.guidance: FLUX.2 \\[klein\\].*no guidance embedder"):
+        flux2.check_config(_config("preset:flux2-tiny", train={"guidance": 3.0}))
+    flux2.check_config(_config("preset:flux2-dev-tiny", train={"guidance": 1.0}))
+    assert flux2.default_caption_dropout("black-forest-labs/FLUX.2-klein-base-4B") == 0.1
+    assert flux2.default_caption_dropout("black-forest-labs/FLUX.2-dev") is None
+
+
+def test_a_folder_without_its_text_encoder_is_refused(klein_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "klein"
+    shutil.copytree(klein_dir, folder)
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(FinetuneError, match=r"has no text_encoder/.*save_pretrained"):
+        flux2.check_config(_config(str(folder)))
+
+
+def test_quantize_auto_weighs_the_model_size():
+    assert flux2.transformer_gib("black-forest-labs/FLUX.2-klein-base-9B") == pytest.approx(16.8)
+    assert flux2.transformer_gib("black-forest-labs/FLUX.2-dev") == pytest.approx(59.6)
+    assert flux2.transformer_gib("preset:flux2-small") == 0.0
