@@ -36,9 +36,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_config(dataset: Path, **train_keys) -> dict:
+def tiny_config(dataset: Path, base_model: str = "preset:tiny", **train_keys) -> dict:
     return {
-        "base_model": "preset:tiny",
+        "base_model": base_model,
         "output": "me/tok",
         "dataset": str(dataset),
         "train": {"steps": 6, "resolution": [32], "learning_rate": 1e-2, "max_sequence_length": 16, **train_keys},
@@ -53,19 +53,21 @@ def work(tmp_path, finetune_home, dataset_zip, monkeypatch):
     return tmp_path
 
 
-def test_same_config_and_seed_give_the_same_version(work, dataset_zip):
-    cfg = parse_config(tiny_config(dataset_zip, save_every=3))
+@pytest.mark.parametrize("base", ["preset:tiny", "preset:flux2-tiny", "preset:flux2-dev-tiny"])
+def test_same_config_and_seed_give_the_same_version(work, dataset_zip, base):
+    cfg = parse_config(tiny_config(dataset_zip, base, save_every=3))
     first = train(cfg)
     second = train(cfg)
     assert first.id == second.id
     assert len(Registry().versions("me/tok")) == 1
     lineage = first.lineage
-    assert lineage["backend"] == "local" and lineage["base_model"] == "preset:tiny"
+    assert lineage["backend"] == "local" and lineage["base_model"] == base
+    assert lineage["family"] == ("flux1" if base == "preset:tiny" else "flux2")
     assert lineage["dataset"]["digest"] == __import__("hashlib").sha256(dataset_zip.read_bytes()).hexdigest()
     assert lineage["lora"] == {"rank": 16, "alpha": 16.0, "targets": "all-linear"}
     assert lineage["config"]["train"]["steps"] == 6 and lineage["timings"]["train_s"] > 0
     tensors, meta = load_lora_file(first.lora_path)
-    assert meta["finetune.rank"] == "16" and meta["finetune.base_model"] == "preset:tiny"
+    assert meta["finetune.rank"] == "16" and meta["finetune.base_model"] == base
     assert all(k.startswith("transformer.") for k in tensors)
     assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if "lora_B" in k)  # it trained
     run = Path(lineage["run_dir"])
@@ -159,17 +161,18 @@ def test_second_run_reuses_the_cache(work, dataset_zip, finetune_home):
 
 
 @pytest.mark.parametrize(
-    "extra",
+    "base, extra",
     [
-        {},
+        ("preset:tiny", {}),
         # LoRA dropout draws from the global RNG, accumulation and a warm-up/cosine schedule carry state too
-        {"lora": {"rank": 4, "alpha": 8, "dropout": 0.1}, "train": {"gradient_accumulation": 2, "warmup_steps": 2,
-         "lr_scheduler": "cosine"}},
+        ("preset:tiny", {"lora": {"rank": 4, "alpha": 8, "dropout": 0.1}, "train": {"gradient_accumulation": 2,
+         "warmup_steps": 2, "lr_scheduler": "cosine"}}),
+        ("preset:flux2-tiny", {"lora": {"rank": 4, "alpha": 8}}),  # FLUX.2: alpha in the metadata, not in .alpha keys
     ],
 )  # fmt: skip
-def test_resume_continues_at_the_checkpoint_step(work, dataset_zip, extra):
+def test_resume_continues_at_the_checkpoint_step(work, dataset_zip, base, extra):
     def config(**keys):
-        data = tiny_config(dataset_zip, save_every=3, **{**extra.get("train", {}), **keys})
+        data = tiny_config(dataset_zip, base, save_every=3, **{**extra.get("train", {}), **keys})
         return parse_config({**data, "lora": extra.get("lora", {})})
 
     full = train(config(output_dir=str(work / "a")))
@@ -347,9 +350,11 @@ def test_loss_falls(work, finetune_home, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", ["none", "int8"])  # int8 weights are never broadcast: DDP syncs only the LoRA
-def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, quantize):
-    data = tiny_config(dataset_zip, steps=4, batch_size=2, save_every=2, quantize=quantize)
+@pytest.mark.parametrize(  # int8 weights are never broadcast: DDP syncs only the LoRA
+    "base, quantize", [("preset:tiny", "none"), ("preset:tiny", "int8"), ("preset:flux2-tiny", "none")]
+)
+def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, base, quantize):
+    data = tiny_config(dataset_zip, base, steps=4, batch_size=2, save_every=2, quantize=quantize)
     data["lora"] = {"save_dtype": "float32"}  # compare the trained weights, not their bf16 rounding
     config = work / "cfg.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -368,7 +373,7 @@ def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, 
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            f"--master_port={29731 if quantize == 'none' else 29732}",
+            f"--master_port={29731 + (quantize == 'int8') + 2 * (base != 'preset:tiny')}",
         ]
         + ["-m", "finetune", "train", str(config), "train.output_dir=two"],
         cwd=work,
@@ -435,3 +440,68 @@ def test_flux1_preset_run_keeps_its_version_id_across_the_family_seam(work, data
         tiny_config(dataset_zip, batch_size=2, caption_dropout=0.3) | {"lora": {"save_dtype": "float32"}}
     )
     assert train(cfg).id == PINNED_FLUX1_VERSION
+
+
+def test_a_flux2_klein_lora_loads_in_its_pipeline_at_the_trained_scale_and_the_cache_equals_the_pipeline(
+    work, dataset_zip, finetune_home
+):
+    """alpha != rank: diffusers' FLUX.2 loader refuses .alpha keys, so the file carries alpha in its adapter
+    metadata; Flux2KleinPipeline.load_lora_weights consumes every key and gives the trained model's output. The
+    cached caption embeddings are what the pipeline's encode_prompt computes."""
+    from diffusers import Flux2KleinPipeline
+
+    from finetune import cache, lora
+    from finetune.models import flux2
+
+    data = tiny_config(dataset_zip, "preset:flux2-tiny", steps=3)
+    data["lora"] = {"rank": 4, "alpha": 12, "save_dtype": "float32"}
+    version = train(parse_config(data))
+    assert version.lineage["config"]["train"]["caption_dropout"] == 0.1  # klein's default: true CFG
+    tensors, meta = load_lora_file(version.lora_path)
+    assert (
+        not any(k.endswith(".alpha") for k in tensors)
+        and '"transformer.lora_alpha": 12.0' in meta["lora_adapter_metadata"]
+    )
+
+    c = flux2.build_preset("flux2-tiny")
+    pipe = Flux2KleinPipeline(scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
+                              tokenizer=c.tokenizer, transformer=c.transformer)  # fmt: skip
+    pipe.load_lora_weights(str(version.lora_path))
+    loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
+    assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors} == loaded  # every key consumed
+
+    trained = flux2.build_preset("flux2-tiny").transformer
+    lora.add_lora(trained, rank=4, alpha=12, targets="all-linear", dropout=0.0, seed=0)
+    lora.set_lora_state(trained, tensors)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 6, 128, generator=g),
+        encoder_hidden_states=torch.randn(1, 16, 96, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_ids=flux2.image_ids((2, 3), "cpu", torch.float32),
+        txt_ids=flux2.text_ids(16, "cpu", torch.float32),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        ours, theirs = trained(**inputs)[0], pipe.transformer(**inputs)[0]
+        base = flux2.build_preset("flux2-tiny").transformer(**inputs)[0]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert float((ours - base).abs().max()) > 1e-3  # the LoRA changes the output, far above the tolerance
+
+    caption = "a photo of TOK, picture 0"
+    text_id = cache.source_identity("preset:flux2-tiny", ["text_encoder", "tokenizer"])
+    cached = cache.read_tensors(
+        cache.text_file(finetune_home / "cache", cache.text_key(text_id, caption, 16, torch.float32, "flux2"))
+    )
+    reference, _ = pipe.encode_prompt([caption], device="cpu", max_sequence_length=16)
+    torch.testing.assert_close(cached["prompt_embeds"], reference[0], rtol=0, atol=1e-6)
+
+
+def test_distilled_klein_stops_before_work_and_nothing_is_registered(work, dataset_zip, finetune_home):
+    folder = work / "klein-distilled"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
+    with pytest.raises(FinetuneError, match="train.allow_distilled") as info:
+        train(parse_config(tiny_config(dataset_zip, str(folder))))
+    assert info.value.exit_code == 2
+    assert not (work / "runs").exists() and not Registry().versions("me/tok")
