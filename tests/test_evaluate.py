@@ -267,3 +267,30 @@ def test_remote_versions_are_sampled_with_predictions_and_cached(replicate_stub,
     assert replicate_stub.token not in result.metrics_path.read_text() + result.html_path.read_text()
     again = run(world, [ref], **options)
     assert again.counters["images_sampled"] == 0 and replicate_stub.count("POST", r"^/v1/predictions$") == 4
+
+
+@pytest.mark.parametrize("preset", ["flux2-tiny", "flux2-dev-tiny"])
+def test_flux2_versions_are_sampled_with_their_family_pipeline(preset, tmp_path, tiny_scorer_dirs):
+    """A FLUX.2 LoRA against its base: the family's pipeline (klein: true CFG against the cached empty prompt), the
+    LoRA applied, every image seeded."""
+    from finetune.models import flux2
+
+    base = flux2.save_preset(preset, tmp_path / preset)
+    transformer = flux2.build_preset(preset).transformer
+    lora.add_lora(transformer, rank=4, alpha=8, targets="all-linear", seed=0)
+    g = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in lora.lora_state_dict(transformer).items()}
+    file = lora.save_lora(tmp_path / "l.safetensors", state, rank=4, alpha=8, base_model=str(base), trigger_word="TOK",
+                          targets="all-linear", alpha_keys=False)  # fmt: skip
+    registry = Registry(tmp_path / "home")
+    version = registry.add_version("me/k2", file, {"base_model": str(base), "trigger_word": "TOK", "backend": "local"})
+    clip_dir, dino_dir = tiny_scorer_dirs
+    result = evaluate(["base", version.ref], prompts=PROMPTS, out=tmp_path / "report", registry=registry,
+                      clip_model=clip_dir, dino_model=dino_dir, **FAST)  # fmt: skip
+    doc = result.doc
+    assert doc["settings"]["guidance"] == 4.0 and doc["settings"]["max_sequence_length"] == 512
+    files = {(im["column"], im["prompt_index"], im["seed"]): tmp_path / "report" / im["file"] for im in doc["images"]}
+    base_img = np.asarray(Image.open(files[("c0", 0, 1)])).astype(int)
+    assert np.asarray(Image.open(files[("c0", 0, 1)])).shape == (32, 32, 3)
+    assert np.abs(base_img - np.asarray(Image.open(files[("c1", 0, 1)]))).mean() > 1.0  # the LoRA is applied
+    assert np.abs(base_img - np.asarray(Image.open(files[("c0", 0, 2)]))).mean() > 0.5  # seeds differ
