@@ -2,24 +2,27 @@
 
     python scripts/bench_train.py                    # 256 and 512 px, 2 threads, 3 rounds
     python scripts/bench_train.py --px 256 --steps 40 --rounds 1
+    python scripts/bench_train.py --family flux2     # the same on preset:flux2-small (FLUX.2 [klein]-shaped)
 
 For each resolution, in fresh subprocesses (so peak RSS is per measurement), with 8 generated images (three aspect
-buckets), batch 1, LoRA rank 16 on every block Linear, T5 max_sequence_length 64:
+buckets), batch 1, LoRA rank 16 on every block Linear, text max_sequence_length 64:
 
 - ``trainer``: ``finetune.train`` itself with the default config (cache warm, no samples); median s/step of its
   logged intervals after the first (warm-up);
 - ``compiled``: the same with ``train.compile=true``; the first interval's extra time is reported as compile time;
 - ``int8``, ``int8-compiled`` (only when asked for with ``--kinds``): the trainer with ``train.quantize=int8`` (torchao
   int8 weights), eager and with ``train.compile=true``;
-- ``ref-lora``: the trainer at the LoRA settings of diffusers' ``train_dreambooth_lora_flux.py`` (the reference
-  figures in issue 3): rank 4 on ``attn.to_q/to_k/to_v/to_out.0`` only; ``ref-compiled`` the same compiled. Both
-  train on square images, as the reference (which crops to squares) does;
+- ``ref-lora``: the trainer at the LoRA settings of the reference script (below): for FLUX.1 rank 4 on
+  ``attn.to_q/to_k/to_v/to_out.0`` only; for FLUX.2 the same plus the single blocks' ``attn.to_qkv_mlp_proj`` and
+  ``attn.to_out``; ``ref-compiled`` the same compiled. Both train on square images, as the reference (which crops
+  to squares) does;
 - ``naive``: what trainers without caching do: every step encodes the image with the VAE and the caption with CLIP
   and T5, then the eager step below;
 - ``eager``: the transformer forward + backward + fused AdamW step alone in eager PyTorch with peft's own LoRA layer,
   inputs ready in memory;
-- ``reference`` (with ``--reference SCRIPT``): diffusers' ``train_dreambooth_lora_flux.py`` on the same preset and
-  images, at its default LoRA (rank 4 on the attention q/k/v/out) with ``--cache_latents``;
+- ``reference`` (with ``--reference SCRIPT``): diffusers' ``train_dreambooth_lora_flux.py`` (FLUX.2:
+  ``train_dreambooth_lora_flux2_klein.py`` with ``--text_encoder_out_layers 9 18 27``, the pipeline's layers) on the
+  same preset and images, at its default LoRA with ``--cache_latents``;
 - ``floor``: the trainer's step FLOPs (matmuls and attention, counted from the op shapes by
   ``torch.utils.flop_counter``) divided by the matmul rate measured here on this step's widest GEMM.
 
@@ -44,8 +47,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64
 RANK = 16
 IMAGES = 8
-# train_dreambooth_lora_flux.py's LoRA: rank 4 (alpha = rank) on these modules
-REFERENCE_LORA = {"rank": 4, "alpha": 4.0, "targets": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]}
+PRESETS = {"flux1": "small", "flux2": "flux2-small"}
+FAMILY = "flux1"  # set by --family
+_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+# The reference scripts' LoRA: rank 4 (alpha = rank) on these modules. train_dreambooth_lora_flux.py: the double
+# blocks' attention; train_dreambooth_lora_flux2_klein.py adds the single blocks' fused qkv+mlp and output Linears.
+REFERENCE_LORA = {
+    "flux1": {"rank": 4, "alpha": 4.0, "targets": _ATTENTION},
+    "flux2": {"rank": 4, "alpha": 4.0, "targets": _ATTENTION + ["attn.to_qkv_mlp_proj", "attn.to_out"]},
+}
 
 
 def _peak_rss_mb() -> float:
@@ -69,7 +79,7 @@ def _config(dataset: Path, px: int, steps: int, out: Path):
 
     return parse_config(
         {
-            "base_model": "preset:small",
+            "base_model": f"preset:{PRESETS[FAMILY]}",
             "output": "bench/small",
             "dataset": str(dataset),
             "lora": {"rank": RANK, "alpha": RANK},
@@ -108,42 +118,41 @@ def _trainer(
 
 
 def _setup(px: int, fused: bool = False):
-    """preset:small with a rank-16 LoRA (peft's layer, or the trainer's fused one), its optimizer, and one bucket's
-    inputs (the trainer's shapes)."""
+    """The family's small preset with a rank-16 LoRA (peft's layer, or the trainer's fused one), its optimizer, and
+    one bucket's inputs in the trainer's shapes, through the family interface."""
     import torch
 
-    from finetune import flow, lora
-    from finetune.models import flux1 as flux
+    from finetune import flow, lora, models
 
-    c = flux.build_preset("small")
+    family = models.family_for(f"preset:{PRESETS[FAMILY]}")
+    c = family.build_preset(PRESETS[FAMILY])
     lora.add_lora(c.transformer, rank=RANK, alpha=RANK, targets="all-linear", seed=0, fused=fused)
     c.transformer.train()
     params = lora.lora_parameters(c.transformer)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(0)
-    h = w = px // 8
-    latents = torch.randn(1, 16, h, w, generator=g)
-    noise = torch.randn(1, 16, h, w, generator=g)
-    sigmas = flow.sample_sigmas("flux_shift", 1, (h // 2) * (w // 2), g)
+    raw = torch.randn(1, c.vae.config.latent_channels, px // 8, px // 8, generator=g)
+    latents = family.normalize_latents(raw, c.vae)
+    noise = torch.randn(latents.shape, generator=g)
+    sigmas = flow.sample_sigmas("flux_shift", 1, family.image_seq_len(latents.shape), g)
+    text = {k: torch.randn(v.shape, generator=g) for k, v in family.encode_prompts(c, ["TOK"], SEQ).items()}
     inputs = dict(
-        encoder_hidden_states=torch.randn(1, SEQ, 256, generator=g),
-        pooled_projections=torch.randn(1, 128, generator=g),
-        img_ids=flux.latent_image_ids(h, w, "cpu", torch.float32),
-        txt_ids=flux.text_ids(SEQ, "cpu", torch.float32),
-        guidance=torch.ones(1),
+        text=text,
+        img_ids=family.image_ids(latents.shape, "cpu", torch.float32),
+        txt_ids=family.text_ids(SEQ, "cpu", torch.float32),
+        guidance=1.0 if c.transformer.config.guidance_embeds else None,
     )
-    return c, params, opt, latents, noise, sigmas, inputs
+    return family, c, params, opt, latents, noise, sigmas, inputs
 
 
-def _transformer_step(c, params, opt, latents, noise, sigmas, inputs) -> None:
+def _transformer_step(family, c, params, opt, latents, noise, sigmas, inputs) -> None:
     import torch.nn.functional as F
 
     from finetune import flow
-    from finetune.models import flux1 as flux
 
     noisy = flow.add_noise(latents, noise, sigmas)
-    pred = c.transformer(hidden_states=flux.pack_latents(noisy), timestep=sigmas, return_dict=False, **inputs)[0]
-    loss = F.mse_loss(pred, flux.pack_latents(flow.flow_target(latents, noise)))
+    pred = family.predict(c.transformer, noisy, sigmas, **inputs)
+    loss = F.mse_loss(pred, family.pack_latents(flow.flow_target(latents, noise)))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -170,22 +179,15 @@ def _naive(px: int, steps: int, work: Path) -> dict:
     """Encode image and caption every step (no cache), then the same transformer step."""
     import torch
 
-    from finetune.models import flux1 as flux
-
-    c, params, opt, _, noise, sigmas, inputs = _setup(px)
+    family, c, params, opt, _, noise, sigmas, inputs = _setup(px)
     pixels = torch.rand(1, 3, px, px) * 2 - 1
     caption = ["a photo of TOK, picture 0"]
 
     def step():
-        mean, std = flux.encode_images(c.vae, pixels)
-        latents = flux.normalize_latents(mean + std * torch.randn_like(std), c.vae.config)
-        text = flux.encode_prompts(c, caption, SEQ)
-        fresh = {
-            **inputs,
-            "encoder_hidden_states": text["prompt_embeds"],
-            "pooled_projections": text["pooled_prompt_embeds"],
-        }
-        _transformer_step(c, params, opt, latents, noise, sigmas, fresh)
+        mean, std = family.encode_images(c.vae, pixels)
+        latents = family.normalize_latents(mean + std * torch.randn_like(std), c.vae)
+        fresh = {**inputs, "text": family.encode_prompts(c, caption, SEQ)}
+        _transformer_step(family, c, params, opt, latents, noise, sigmas, fresh)
 
     return {"s_per_step": statistics.median(_timed(step, steps))}
 
@@ -215,21 +217,29 @@ def _floor(px: int, steps: int) -> dict:
         _transformer_step(*args)
     flops = counter.get_total_flops()
     tokens = (px // 16) ** 2 + SEQ
-    a, b = torch.randn(tokens, 256), torch.randn(256, 1024)  # the widest projections of preset:small (mlp 4x256)
+    widest = max(
+        (m for m in args[1].transformer.modules() if isinstance(m, torch.nn.Linear)),
+        key=lambda m: m.in_features * m.out_features,
+    )  # preset:small's MLP in (256 -> 1024), flux2-small's fused qkv+mlp (256 -> 2304)
+    n_in, n_out = widest.in_features, widest.out_features
+    a, b = torch.randn(tokens, n_in), torch.randn(n_in, n_out)
     times = _timed(lambda: torch.mm(a, b), max(50, steps * 5))
-    rate = 2 * tokens * 256 * 1024 / statistics.median(times)
+    rate = 2 * tokens * n_in * n_out / statistics.median(times)
     return {"s_per_step": flops / rate, "flops": flops, "matmul_flops_per_s": rate}
 
 
 def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
-    """diffusers' ``train_dreambooth_lora_flux.py`` on the same preset (saved as a diffusers folder) and images, with
-    its defaults (rank 4 on to_q/k/v/out) and ``--cache_latents``; s/step from two warm runs of different lengths,
-    so setup cancels."""
+    """diffusers' reference script on the same preset (saved as a diffusers folder) and images, with its default LoRA
+    (``REFERENCE_LORA``) and ``--cache_latents``; s/step from two warm runs of different lengths, so setup cancels.
+    FLUX.2 [klein]: ``--text_encoder_out_layers 9 18 27``, the layers the pipeline uses (the script's default
+    10 20 30 trains on embeddings the pipeline never produces, diffusers#13445)."""
     import zipfile
 
-    from finetune.models import flux1 as flux
+    from finetune import models
 
-    model, images = flux.save_preset("small", work / "preset-small"), work / "images"
+    preset = PRESETS[FAMILY]
+    family = models.family_for(f"preset:{preset}")
+    model, images = family.save_preset(preset, work / f"preset-{preset}"), work / "images"
     images.mkdir()
     with zipfile.ZipFile(_dataset(work, px, square=True)) as zf:
         for name in zf.namelist():
@@ -239,11 +249,13 @@ def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
     args += ["--instance_prompt", "a photo of TOK", "--resolution", str(px), "--train_batch_size", "1"]
     args += ["--max_sequence_length", str(SEQ), "--cache_latents", "--mixed_precision", "no", "--seed", "0"]
     args += ["--learning_rate", "1e-4", "--checkpointing_steps", "1000000", "--dataloader_num_workers", "0"]
+    args += ["--text_encoder_out_layers", "9", "18", "27"] if FAMILY == "flux2" else []
     seconds = {}
     for n in (2, 10, 10 + steps):  # the first run only warms the file and import caches, so both timed runs are warm
         cmd = [sys.executable, str(script), *args, "--max_train_steps", str(n), "--output_dir", str(work / f"out{n}")]
         t = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        # offline: the script's model card step would otherwise retry the hub for ~25 s at the end of every run
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         seconds[n] = time.perf_counter() - t
         if out.returncode:
             sys.exit(f"the reference script failed:\n{out.stderr[-3000:]}")
@@ -265,8 +277,8 @@ def _child(kind: str, px: int, steps: int, threads: int, reference: Path | None 
             "compiled": lambda: _trainer(px, steps, work, compile=True),
             "int8": lambda: _trainer(px, steps, work, quantize="int8"),
             "int8-compiled": lambda: _trainer(px, steps, work, compile=True, quantize="int8"),
-            "ref-lora": lambda: _trainer(px, steps, work, lora=REFERENCE_LORA),
-            "ref-compiled": lambda: _trainer(px, steps, work, compile=True, lora=REFERENCE_LORA),
+            "ref-lora": lambda: _trainer(px, steps, work, lora=REFERENCE_LORA[FAMILY]),
+            "ref-compiled": lambda: _trainer(px, steps, work, compile=True, lora=REFERENCE_LORA[FAMILY]),
             "naive": lambda: _naive(px, steps, work),
             "eager": lambda: _eager(px, steps),
             "floor": lambda: _floor(px, steps),
@@ -281,7 +293,7 @@ KINDS = ("trainer", "compiled", "naive", "eager", "floor", "ref-lora", "ref-comp
 
 def _run_child(kind: str, px: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, __file__, "--child", kind, str(px), "--steps", str(args.steps)]
+    cmd = [sys.executable, __file__, "--child", kind, str(px), "--steps", str(args.steps), "--family", args.family]
     cmd += ["--reference", str(args.reference)] if args.reference else []
     out = subprocess.run(cmd + ["--threads", str(args.threads)], capture_output=True, text=True, env=env)
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -298,10 +310,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     parser.add_argument(
+        "--family", choices=tuple(PRESETS), default="flux1", help="flux1: preset:small; flux2: preset:flux2-small"
+    )
+    parser.add_argument(
         "--reference",
         type=Path,
-        help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, from the release installed (needs "
-        "torchvision): measured side by side as the row 'reference'",
+        help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py (--family flux2: "
+        "train_dreambooth_lora_flux2_klein.py), from the release installed (needs torchvision): measured side by "
+        "side as the row 'reference'",
     )
     parser.add_argument(
         "--kinds",
@@ -312,6 +328,8 @@ def main() -> None:
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global FAMILY
+    FAMILY = args.family
     if args.child:
         _child(args.child[0], int(args.child[1]), args.steps, args.threads, args.reference)
         return
@@ -333,7 +351,7 @@ def main() -> None:
         }
         figures[px] = row
         print(
-            f"\npreset:small {px} px, batch 1, rank {RANK}, T5 {SEQ} tokens, {args.threads} threads, "
+            f"\npreset:{PRESETS[FAMILY]} {px} px, batch 1, rank {RANK}, {SEQ} text tokens, {args.threads} threads, "
             f"median of {args.rounds} rounds"
         )
         print(f"  {'':13} {'s/step':>8} {'rounds':>26} {'peak RSS MB':>12}")
