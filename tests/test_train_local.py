@@ -505,3 +505,17 @@ def test_distilled_klein_stops_before_work_and_nothing_is_registered(work, datas
         train(parse_config(tiny_config(dataset_zip, str(folder))))
     assert info.value.exit_code == 2
     assert not (work / "runs").exists() and not Registry().versions("me/tok")
+
+
+def test_a_checkpoint_from_before_a_new_key_resumes_when_the_key_is_at_its_default(dataset_zip):
+    from finetune.config import config_to_dict
+    from finetune.recipes.train_local import _check_resumable
+
+    cfg = parse_config(tiny_config(dataset_zip))
+    old = config_to_dict(cfg)
+    del old["train"]["allow_distilled"]  # written before train.allow_distilled existed
+    state = {"config": old, "dataset_digest": "d"}
+    _check_resumable(cfg, state, "d", Path("ckpt"))
+    changed = parse_config(tiny_config(dataset_zip) | {"train": {"allow_distilled": True}})
+    with pytest.raises(FinetuneError, match="train.allow_distilled: None -> True"):
+        _check_resumable(changed, state, "d", Path("ckpt"))

@@ -345,8 +345,11 @@ def _run_dir(cfg: Config, resume: bool | str) -> tuple[Path, Path | None]:
 def _check_resumable(cfg: Config, state: dict, digest: str, ckpt: Path) -> None:
     """A run continues exactly only with the settings and data it started with."""
     old, new = _flat(state["config"]), _flat(config_to_dict(cfg))
+    defaults = _flat(config_to_dict(Config()))  # a key added since the checkpoint was written counts at its default
     changed = sorted(
-        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k, defaults.get(k)) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)
     )
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
