@@ -10,7 +10,12 @@ Measures, each section independent (an error is recorded, the others still run):
               fused step with the blocks' weights in int8 (``train.quantize: int8``; torchao), eager and compiled,
               with the weights' GiB;
   trainer     the real ``finetune.recipes.train_local.train`` at 256/512 px on 8 generated images, compile off and
-              on (median s/step after the first log interval, from the run's metrics.jsonl), when it imports.
+              on (median s/step after the first log interval, from the run's metrics.jsonl), when it imports;
+  flux2       FLUX.2 [klein] 4B, [klein] 9B and [dev] dimensions at 1024 px, fused LoRA step with gradient
+              checkpointing, bf16 and int8 base weights: s/step, weights and peak GiB at three small depths
+              ((1, 1), (2, 1), (1, 2) double/single blocks), and from their differences the peak of the whole model
+              (``estimated_peak_gib``: per-block cost × the real block counts). Targets (issue 11): klein 9B ≤ 16 GB
+              and klein 4B ≤ 12 GB with int8 and checkpointing; [dev] ≤ 48 GB per GPU.
 Peak GPU memory is reported per section. T5 ``max_sequence_length`` is 64, as in issue 3's speed figures.
 
     python scripts/gpu_check.py [--out summary.json]      # on a CUDA machine
@@ -70,6 +75,82 @@ def _dev_blocks(device: torch.device, dtype: torch.dtype, dry: bool):
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, guidance_embeds=True, **dims
         )
     return model.to(dtype)
+
+
+# FLUX.2 transformer dimensions (diffusers Flux2Transformer2DModel configs; reference/flux-family-2026.md):
+# heads × 128 hidden, text width = 3 × the encoder's hidden size, real double/single block counts.
+FLUX2_SIZES = {
+    "klein_4b": dict(num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False, blocks=(5, 20)),
+    "klein_9b": dict(num_attention_heads=32, joint_attention_dim=12288, guidance_embeds=False, blocks=(8, 24)),
+    "dev": dict(num_attention_heads=48, joint_attention_dim=15360, guidance_embeds=True, blocks=(8, 48)),
+}
+
+
+def _flux2_step(name: str, double: int, single: int, size: int, device, dtype, steps: int, quantize: bool, dry: bool):
+    """One fused LoRA step (rank 16, all-linear, gradient checkpointing) on a FLUX.2 transformer with ``name``'s
+    dimensions and ``double``/``single`` blocks, through the family interface; s/step, weights and peak GiB."""
+    from diffusers import Flux2Transformer2DModel
+
+    from finetune import lora
+    from finetune.models import flux2
+
+    spec = dict(FLUX2_SIZES[name])
+    spec.pop("blocks")
+    dims = dict(attention_head_dim=128, axes_dims_rope=(32, 32, 32, 32))
+    if dry:
+        spec.update(num_attention_heads=2, joint_attention_dim=24)
+        dims = dict(attention_head_dim=16, axes_dims_rope=(4, 4, 4, 4))
+    with torch.device(device):
+        model = Flux2Transformer2DModel(num_layers=double, num_single_layers=single, **dims, **spec).to(dtype)
+    model.requires_grad_(False)
+    if quantize:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
+    weight_gib = _weight_gib(model)
+    lora.add_lora(model, rank=16, alpha=16.0, targets="all-linear", seed=0)
+    model.enable_gradient_checkpointing()
+    model.train()
+    optimizer = torch.optim.AdamW(lora.lora_parameters(model), lr=1e-4, fused=device.type == "cuda")
+    g = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(1, 128, size // 16, size // 16, generator=g, device=device, dtype=dtype)
+    text = {"prompt_embeds": torch.randn(1, SEQ, spec["joint_attention_dim"], generator=g, device=device, dtype=dtype)}
+    img_ids, txt_ids = flux2.image_ids(latents.shape, device, dtype), flux2.text_ids(SEQ, device, dtype)
+    guidance = 1.0 if spec["guidance_embeds"] else None
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        noise = torch.randn_like(latents)
+        sigma = torch.full((1,), 0.5, device=device, dtype=dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            pred = flux2.predict(model, (1 - sigma) * latents + sigma * noise, sigma, text, img_ids, txt_ids, guidance)
+        loss = torch.nn.functional.mse_loss(pred.float(), flux2.pack_latents(noise - latents).float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return {"s_per_step_median": statistics.median(times[2:]), "weight_gib": weight_gib, "peak_gib": _peak_gib(device)}
+
+
+def _flux2(name: str, size: int, device, dtype, steps: int, quantize: bool, dry: bool) -> dict:
+    """``_flux2_step`` at depths (1, 1), (2, 1), (1, 2); the whole model's peak and weights extrapolated from the
+    per-double-block and per-single-block differences."""
+    runs = {}
+    for double, single in ((1, 1), (2, 1), (1, 2)):
+        _peak_reset(device)
+        runs[f"{double}x{single}"] = _flux2_step(name, double, single, size, device, dtype, steps, quantize, dry)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    one, d2, s2 = runs["1x1"], runs["2x1"], runs["1x2"]
+    n_double, n_single = FLUX2_SIZES[name]["blocks"]
+    out = {"runs": runs}
+    for key in ("peak_gib", "weight_gib"):
+        if one[key] is not None:
+            per_double, per_single = d2[key] - one[key], s2[key] - one[key]
+            whole = one[key] + (n_double - 1) * per_double + (n_single - 1) * per_single
+            out[f"estimated_{key}"] = round(whole, 2)
+    return out
 
 
 def _weight_gib(module: torch.nn.Module) -> float:
@@ -269,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, fused, compile, quantize in kinds + (("int8", True, False, True), ("int8_compiled", True, True, True)):
         call = (lambda: _dev_blocks(device, dtype, dry), dev_size, device, dtype, steps, fused, compile, quantize)
         _section(summary, f"dev_blocks_{name}_{dev_size}", device, _eager, *call)
+    for name in FLUX2_SIZES:
+        for quantize in (False, True):
+            call = (name, dev_size, device, dtype, 4 if dry else 8, quantize, dry)
+            _section(summary, f"flux2_{name}_{'int8' if quantize else 'bf16'}_{dev_size}", device, _flux2, *call)
     try:
         import finetune.recipes.train_local  # noqa: F401
     except Exception as e:

@@ -30,3 +30,8 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
         assert sections[f"eager_{kind}_64"]["s_per_step_median"] > 0
         assert sections[f"dev_blocks_{kind}_64"]["s_per_step_median"] > 0
     assert sections["trainer_64"]["steps"] == sections["trainer_compiled_64"]["steps"] == 20
+    for name in ("klein_4b", "klein_9b", "dev"):
+        for weights in ("bf16", "int8"):
+            runs = sections[f"flux2_{name}_{weights}_64"]["runs"]
+            assert all(run["s_per_step_median"] > 0 for run in runs.values())
+            assert "estimated_weight_gib" in sections[f"flux2_{name}_{weights}_64"]
