@@ -284,10 +284,15 @@ def models_export(
     ref: Annotated[str, typer.Argument(help="owner/name, owner/name:<version id>, or a .safetensors file.")],
     output: Annotated[str, typer.Option("--output", "-o", help="The .safetensors file to write.")],
     format_: Annotated[
-        str, typer.Option("--format", help="kohya: ComfyUI/kohya lora_unet_* keys; diffusers: the stored file.")
+        str,
+        typer.Option(
+            "--format",
+            help="comfyui: the file ComfyUI loads (FLUX.2: BFL diffusion_model.* keys, alpha baked in; FLUX.1: the "
+            "kohya file); kohya: lora_unet_* keys with .alpha; diffusers: the stored file.",
+        ),
     ] = "kohya",
 ) -> None:
-    """Write a version's LoRA as a file for other tools (ComfyUI, kohya, diffusers)."""
+    """Write a version's LoRA as a file for other tools (ComfyUI, kohya, diffusers), FLUX.1 or FLUX.2."""
     import warnings
     from pathlib import Path
 
@@ -295,8 +300,8 @@ def models_export(
     from finetune.files import write_atomic
 
     out = Path(output)
-    if format_ not in ("kohya", "diffusers"):
-        raise fail(f"--format {format_!r} is not known; use kohya or diffusers")
+    if format_ not in ("comfyui", "kohya", "diffusers"):
+        raise fail(f"--format {format_!r} is not known; use comfyui, kohya or diffusers")
     if ref.endswith(".safetensors") and Path(ref).is_file():
         source = Path(ref)
     else:
@@ -307,15 +312,21 @@ def models_export(
         raise fail(f"-o {out} is the source file itself; choose another output path")
     tensors, metadata = lora.load_lora_file(source)
     rank, alpha = lora.lora_file_settings(tensors, metadata)  # also checks the keys are a diffusers LoRA
+    what = format_
     if format_ == "diffusers":
         written = write_atomic(out, source.read_bytes())
     else:
+        from finetune import lora_export
+
+        family = lora_export.lora_family(tensors, metadata)  # the names say; the base model only where both fit
+        save = lora_export.save_comfyui if format_ == "comfyui" else lora_export.save_kohya
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            written = lora.save_kohya(out, tensors, rank=rank, alpha=alpha, metadata=metadata)
+            written = save(out, tensors, rank=rank, alpha=alpha, metadata=metadata, family=family)
         for warning in caught:
             typer.secho(f"Warning: {warning.message}", err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"Wrote {written} ({format_}, rank {rank}, alpha {alpha:g})")
+        what = f"{format_}, {'FLUX.2' if family == 'flux2' else 'FLUX.1'}"
+    typer.echo(f"Wrote {written} ({what}, rank {rank}, alpha {alpha:g})")
 
 
 # ---- trainings on Replicate (remote backend) ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""LoRA on the FLUX transformer: target presets, peft injection, the diffusers-format file, and the kohya export.
+"""LoRA on the FLUX transformer: target presets, peft injection, the diffusers-format file (exports: lora_export.py).
 
 The file this module writes (``lora.safetensors``) is the project's LoRA contract:
 
@@ -15,8 +15,7 @@ The file this module writes (``lora.safetensors``) is the project's LoRA contrac
 - a fixed byte form: tensors and metadata keys sorted, no timestamps or paths, so equal weights give equal bytes and
   thus equal registry version ids.
 
-The kohya/ComfyUI export follows reference/comfyui-lora-keys.md §4: block modules only, BFL names, fused modules
-with stacked ``lora_down`` and block-diagonal ``lora_up``, ``alpha = scale × rows of lora_down``.
+Exports to kohya and ComfyUI forms live in ``lora_export.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,13 +37,15 @@ __all__ = [
     "ADAPTER_NAME",
     "TARGET_PRESETS",
     "add_lora",
-    "export_kohya",
+    "check_rank",
+    "fixed_safetensors_bytes",
+    "in_blocks",
     "load_lora_file",
     "lora_file_settings",
     "lora_parameters",
     "lora_state_dict",
+    "modules_of",
     "resolve_target_modules",
-    "save_kohya",
     "save_lora",
     "set_lora_state",
 ]
@@ -77,7 +77,7 @@ def _linear_names(transformer: nn.Module) -> list[str]:
     return names
 
 
-def _in_blocks(name: str) -> bool:
+def in_blocks(name: str) -> bool:
     return name.startswith(BLOCK_PREFIXES)
 
 
@@ -101,9 +101,9 @@ def resolve_target_modules(transformer: nn.Module, targets: str | list[str]) -> 
     names = _linear_names(transformer)
     if isinstance(targets, str):
         if targets == "all-linear":
-            return [n for n in names if _in_blocks(n)]
+            return [n for n in names if in_blocks(n)]
         if targets == "attention":
-            return [n for n in names if _in_blocks(n) and ".attn." in n]
+            return [n for n in names if in_blocks(n) and ".attn." in n]
         hint = difflib.get_close_matches(targets, list(TARGET_PRESETS), n=1)
         hint_text = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise FinetuneError(
@@ -288,7 +288,7 @@ def set_lora_state(transformer: nn.Module, state_dict: dict[str, torch.Tensor]) 
 # ------------------------------------------------------------------------------------------------------------ files
 
 
-def _modules_of(state_dict: dict[str, torch.Tensor], what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def modules_of(state_dict: dict[str, torch.Tensor], what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``module → (A, B)`` from a diffusers-key LoRA state dict; malformed keys are an error naming them."""
     bad = [k for k in state_dict if not (k.startswith(_PREFIX) and k.endswith(_SUFFIXES))]
     if bad:
@@ -314,7 +314,7 @@ def _modules_of(state_dict: dict[str, torch.Tensor], what: str) -> dict[str, tup
     return out
 
 
-def _check_rank(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, what: str) -> None:
+def check_rank(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, what: str) -> None:
     for module, (a, b) in modules.items():
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise FinetuneError(
@@ -328,7 +328,7 @@ def _format_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _fixed_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+def fixed_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes in one fixed form: tensors sorted by name, metadata keys sorted, compact JSON header.
 
     safetensors (0.8) serialises ``__metadata__`` from a Rust HashMap, whose order differs between processes
@@ -368,8 +368,8 @@ def save_lora(
     """
     import torch
 
-    modules = _modules_of(state_dict, "save_lora")
-    _check_rank(modules, rank, "save_lora")
+    modules = modules_of(state_dict, "save_lora")
+    check_rank(modules, rank, "save_lora")
     tensors = {
         k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
         for k, v in state_dict.items()
@@ -396,7 +396,7 @@ def save_lora(
             },
             sort_keys=True,
         )
-    return write_atomic(Path(path), _fixed_safetensors_bytes(tensors, metadata))
+    return write_atomic(Path(path), fixed_safetensors_bytes(tensors, metadata))
 
 
 def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -421,7 +421,7 @@ def lora_file_settings(state_dict: dict[str, torch.Tensor], metadata: dict[str, 
     Sources in order: ``finetune.rank``/``finetune.alpha`` metadata; the lora_A row count; ``.alpha`` tensors;
     diffusers' ``lora_adapter_metadata``; else alpha = rank (what diffusers assumes for a file without alphas).
     """
-    modules = _modules_of(state_dict, "LoRA file")
+    modules = modules_of(state_dict, "LoRA file")
     ranks = {a.shape[0] for a, _ in modules.values()}
     if "finetune.rank" in metadata:
         rank = int(metadata["finetune.rank"])
@@ -438,101 +438,3 @@ def lora_file_settings(state_dict: dict[str, torch.Tensor], metadata: dict[str, 
         return rank, alphas.pop()
     adapter = json.loads(metadata.get("lora_adapter_metadata") or "{}")
     return rank, float(adapter.get(f"{_PREFIX}lora_alpha", rank))
-
-
-# ------------------------------------------------------------------------------------------------- kohya / ComfyUI
-
-# BFL module name → the diffusers modules it fuses, in row order (reference/comfyui-lora-keys.md §4).
-DOUBLE_BLOCK_MAP: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("img_attn_qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-    ("img_attn_proj", ("attn.to_out.0",)),
-    ("img_mlp_0", ("ff.net.0.proj",)),
-    ("img_mlp_2", ("ff.net.2",)),
-    ("img_mod_lin", ("norm1.linear",)),
-    ("txt_attn_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    ("txt_attn_proj", ("attn.to_add_out",)),
-    ("txt_mlp_0", ("ff_context.net.0.proj",)),
-    ("txt_mlp_2", ("ff_context.net.2",)),
-    ("txt_mod_lin", ("norm1_context.linear",)),
-)
-SINGLE_BLOCK_MAP: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-    ("linear2", ("proj_out",)),
-    ("modulation_lin", ("norm.linear",)),
-)
-# FLUX's MLP ratio: proj_mlp has 4h output rows; ComfyUI and diffusers assume the same for linear1.
-_MLP_RATIO = 4
-
-
-def export_kohya(state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """Convert a diffusers-key FLUX LoRA to kohya/ComfyUI keys ``lora_unet_<BFL name>.lora_down/up.weight``/``.alpha``.
-
-    Block modules only. A fused BFL module (``img_attn_qkv``, ``txt_attn_qkv``, ``linear1``) gets the projections'
-    A's stacked as ``lora_down`` and their B's block-diagonally in ``lora_up``, so ``up @ down`` stacks each
-    ``B_j A_j`` in its rows; its alpha is ``scale × rows of lora_down`` (3r or 4r × alpha/rank), because every
-    consumer applies ``alpha / lora_down.shape[0]`` (keeping alpha = r there weakens it 3-4×, kohya-ss/sd-scripts
-    #2204). A projection of a fused module that was not trained is filled with zero A rows and a zero B block, so
-    the layout stays the regular one diffusers' converter recognises as sparse and splits back exactly.
-    Modules outside the blocks (embedders, final layer) are skipped with a warning listing them.
-    """
-    import torch
-
-    modules = _modules_of(state_dict, "kohya export")
-    _check_rank(modules, rank, "kohya export")
-    scale = float(alpha) / float(rank)
-    maps = {"transformer_blocks": DOUBLE_BLOCK_MAP, "single_transformer_blocks": SINGLE_BLOCK_MAP}
-    kohya_kind = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}
-    used: set[str] = set()
-    out: dict[str, torch.Tensor] = {}
-    blocks = sorted(
-        {tuple(m.split(".")[:2]) for m in modules if _in_blocks(m) and m.split(".")[1].isdigit()},
-        key=lambda kb: (kb[0], int(kb[1])),
-    )
-    for kind, index in blocks:
-        for bfl, parts in maps[kind]:
-            names = [f"{kind}.{index}.{p}" for p in parts]
-            present = [n for n in names if n in modules]
-            if not present:
-                continue
-            a0, _ = modules[present[0]]
-            downs, ups = [], []
-            for part, name in zip(parts, names, strict=True):
-                if name in modules:
-                    a, b = modules[name]
-                else:  # untrained projection of a fused module: a zero block keeps the layout regular
-                    rows = a0.shape[1] * (_MLP_RATIO if part == "proj_mlp" else 1)
-                    a, b = torch.zeros_like(a0), torch.zeros(rows, rank, dtype=a0.dtype)
-                downs.append(a)
-                ups.append(b)
-            used.update(present)
-            key = f"lora_unet_{kohya_kind[kind]}_{index}_{bfl}"
-            down = torch.cat(downs, dim=0) if len(downs) > 1 else downs[0]
-            up = torch.block_diag(*ups) if len(ups) > 1 else ups[0]
-            out[f"{key}.lora_down.weight"] = down.contiguous()
-            out[f"{key}.lora_up.weight"] = up.contiguous()
-            out[f"{key}.alpha"] = torch.tensor(scale * down.shape[0], dtype=torch.float32)
-    skipped = sorted(set(modules) - used)
-    if skipped:
-        warnings.warn(
-            f"kohya export holds block modules only; skipped {len(skipped)} module(s) outside the FLUX blocks: "
-            f"{', '.join(skipped)}",
-            UserWarning,
-            stacklevel=2,
-        )
-    if not out:
-        raise FinetuneError("kohya export: the LoRA has no modules inside the FLUX blocks to export", EXIT_USAGE)
-    return out
-
-
-def save_kohya(
-    path: str | Path,
-    state_dict: dict[str, torch.Tensor],
-    *,
-    rank: int,
-    alpha: float,
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Write ``export_kohya(state_dict)`` atomically in the fixed byte form, keeping ``finetune.*`` metadata."""
-    kept = {k: v for k, v in (metadata or {}).items() if k.startswith("finetune.")}
-    kept.update({"format": "pt", "finetune.format": "kohya"})
-    return write_atomic(Path(path), _fixed_safetensors_bytes(export_kohya(state_dict, rank=rank, alpha=alpha), kept))

@@ -14,6 +14,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
 from finetune import lora as L
+from finetune import lora_export as LE
 from finetune.errors import FinetuneError
 from finetune.models import flux1 as flux
 
@@ -344,7 +345,7 @@ def flux_dev_lora(rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def test_kohya_export_round_trips_through_diffusers_converter(rank, alpha):
     sd = flux_dev_lora(rank)
     with pytest.warns(UserWarning, match=r"skipped 1 module\(s\) outside the FLUX blocks: proj_out"):
-        kohya = L.export_kohya(sd, rank=rank, alpha=alpha)
+        kohya = LE.export_kohya(sd, rank=rank, alpha=alpha)
     scale = alpha / rank
 
     # Exact names and alphas: r, 3r (qkv) and 4r (linear1) rows, alpha = scale × rows.
@@ -409,7 +410,7 @@ def probe_for(sd: dict, module: str) -> torch.Tensor:
 def test_kohya_export_of_tiny_model_and_save(tmp_path):
     model, _, _ = trained(rank=2, alpha=4.0, targets="attention")
     sd = L.lora_state_dict(model)
-    path = L.save_kohya(tmp_path / "k.safetensors", sd, rank=2, alpha=4.0, metadata={"finetune.rank": "2", "x": "y"})
+    path = LE.save_kohya(tmp_path / "k.safetensors", sd, rank=2, alpha=4.0, metadata={"finetune.rank": "2", "x": "y"})
     tensors, meta = L.load_lora_file(path)
     assert meta == {"finetune.rank": "2", "finetune.format": "kohya", "format": "pt"}
     # attention preset on single blocks: q, k, v trained, proj_mlp zero-filled → 4r rows, alpha 4r·scale.
@@ -423,9 +424,9 @@ def test_kohya_export_of_tiny_model_and_save(tmp_path):
         "lora_unet_double_blocks_0_txt_attn_qkv",
         "lora_unet_single_blocks_0_linear1",
     ]
-    assert L.save_kohya(tmp_path / "k2.safetensors", sd, rank=2, alpha=4.0).read_bytes() != b""
+    assert LE.save_kohya(tmp_path / "k2.safetensors", sd, rank=2, alpha=4.0).read_bytes() != b""
     with pytest.raises(FinetuneError, match="no modules inside the FLUX blocks"), pytest.warns(UserWarning):
-        L.export_kohya(
+        LE.export_kohya(
             {k: v for k, v in flux_dev_lora(2).items() if k.startswith("transformer.proj_out.")}, rank=2, alpha=2
         )
 
@@ -453,13 +454,21 @@ def test_models_export_cli(tmp_path, monkeypatch, capsys):
     ]
     assert float(tensors["lora_unet_single_blocks_0_linear1.alpha"]) == 2.0 * 4 * 2  # scale 2 × 4 projections × r 2
 
+    # --format comfyui for FLUX.1 is the kohya file, byte for byte (ComfyUI reads lora_unet_* keys with .alpha).
+    with pytest.raises(SystemExit) as e:
+        main(["models", "export", version.ref, "--format", "comfyui", "-o", str(tmp_path / "c.safetensors")])
+    captured = capsys.readouterr()
+    assert e.value.code == 0, captured.err
+    assert "(comfyui, FLUX.1, rank 2, alpha 4)" in captured.out and "x_embedder" in captured.err
+    assert (tmp_path / "c.safetensors").read_bytes() == (tmp_path / "out" / "k.safetensors").read_bytes()
+
     with pytest.raises(SystemExit) as e:
         main(["models", "export", "me/tok", "--format", "diffusers", "-o", str(tmp_path / "d.safetensors")])
     assert e.value.code == 0
     assert (tmp_path / "d.safetensors").read_bytes() == src.read_bytes()
     with pytest.raises(SystemExit) as e:
         main(["models", "export", "me/tok", "--format", "onnx", "-o", str(tmp_path / "x.safetensors")])
-    assert e.value.code == 2 and "use kohya or diffusers" in capsys.readouterr().err
+    assert e.value.code == 2 and "use comfyui, kohya or diffusers" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["models", "export", "me/nope", "-o", str(tmp_path / "x.safetensors")])
     assert e.value.code == 2 and not (tmp_path / "x.safetensors").exists()

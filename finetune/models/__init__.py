@@ -25,6 +25,7 @@ __all__ = [
     "FAMILIES",
     "Family",
     "family_for",
+    "family_module",
     "family_name",
     "preset_names",
     "resolve_device",
@@ -46,6 +47,7 @@ class Family(Protocol):
     TEXT_PARTS: tuple[str, ...]  # the parts encode_prompts needs (their tokenizers come along)
     TEXT_KEYS: tuple[str, ...]  # the tensors encode_prompts returns, as cached and fed to predict
     LORA_ALPHA_KEYS: bool  # the LoRA file carries .alpha tensors (lora.save_lora)
+    BFL_BLOCKS: dict  # block kind → (BFL module, the diffusers modules it fuses): the kohya/ComfyUI exports
     TRUE_CFG: bool  # sampling needs the empty prompt's embedding as the negative (klein base)
 
     def check_config(self, cfg: Any) -> None: ...  # refuse what the family cannot train, before any model loads
@@ -81,7 +83,8 @@ class Family(Protocol):
     def save_preset(self, name: str, path: Path, seed: int = 0) -> Path: ...
 
 
-def _module(name: str) -> Any:
+def family_module(name: str) -> Family:
+    """The family module ``finetune.models.<name>`` (``name`` from ``FAMILIES``)."""
     return importlib.import_module(f"finetune.models.{name}")
 
 
@@ -176,4 +179,4 @@ def resolve_quantize(name: str, device: Any, setting: str = "train.quantize", *,
 
 def family_for(base_model: str) -> Family:
     """The family module that trains ``base_model`` (see ``family_name``)."""
-    return _module(family_name(base_model))
+    return family_module(family_name(base_model))

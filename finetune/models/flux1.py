@@ -97,6 +97,28 @@ _CLASSES = {
 # bf16 transformer sizes (12B parameters × 2 bytes), for train.quantize: auto before the weights are on disk.
 _TRANSFORMER_GIB = {hub_id: 22.2 for hub_id in HUB_IDS}
 
+# BFL module inside a block → the diffusers modules it fuses, in row order (reference/comfyui-lora-keys.md §4), for
+# the kohya and ComfyUI exports (lora_export.py). proj_mlp has 4 × hidden rows (FLUX's MLP ratio) in linear1.
+BFL_BLOCKS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "transformer_blocks": (
+        ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        ("img_attn.proj", ("attn.to_out.0",)),
+        ("img_mlp.0", ("ff.net.0.proj",)),
+        ("img_mlp.2", ("ff.net.2",)),
+        ("img_mod.lin", ("norm1.linear",)),
+        ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        ("txt_attn.proj", ("attn.to_add_out",)),
+        ("txt_mlp.0", ("ff_context.net.0.proj",)),
+        ("txt_mlp.2", ("ff_context.net.2",)),
+        ("txt_mod.lin", ("norm1_context.linear",)),
+    ),
+    "single_transformer_blocks": (
+        ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+        ("linear2", ("proj_out",)),
+        ("modulation.lin", ("norm.linear",)),
+    ),
+}
+BFL_ROW_RATIOS = {"proj_mlp": 4}  # rows of a fused part per hidden unit, when it is untrained and filled with zeros
 # The FLUX.1-dev/schnell scheduler config (scheduler/scheduler_config.json of both repos).
 FLUX_SCHEDULER = dict(
     num_train_timesteps=1000,

@@ -86,6 +86,28 @@ DEV_SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
     "relationships, object\nattribution and actions without speculation."
 )
+# BFL module inside a block → the diffusers modules it fuses, in row order, for the kohya and ComfyUI exports
+# (lora_export.py). From diffusers 0.42.1: single_file_utils.py convert_flux2_transformer_checkpoint_to_diffusers
+# (each qkv chunked 3 ways by rows, everything else renamed 1:1, linear1 → attn.to_qkv_mlp_proj included) and
+# lora_conversion_utils.py _convert_non_diffusers_flux2_lora_to_diffusers / _convert_kohya_flux2_lora_to_diffusers
+# (the same names for LoRAs). The modulation Linears sit outside the blocks in FLUX.2, and to_qkv_mlp_proj already
+# is BFL's fused linear1, so only the double blocks' q/k/v get fused.
+BFL_BLOCKS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "transformer_blocks": (
+        ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        ("img_attn.proj", ("attn.to_out.0",)),
+        ("img_mlp.0", ("ff.linear_in",)),
+        ("img_mlp.2", ("ff.linear_out",)),
+        ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        ("txt_attn.proj", ("attn.to_add_out",)),
+        ("txt_mlp.0", ("ff_context.linear_in",)),
+        ("txt_mlp.2", ("ff_context.linear_out",)),
+    ),
+    "single_transformer_blocks": (
+        ("linear1", ("attn.to_qkv_mlp_proj",)),
+        ("linear2", ("attn.to_out",)),
+    ),
+}
 # bf16 transformer sizes from the model cards (4B, 9B, 32B parameters × 2 bytes), for train.quantize: auto.
 _TRANSFORMER_GIB = {
     KLEIN_BASE[0]: 7.2,

@@ -19,7 +19,7 @@ INTERFACE = [name for name in vars(models.Family) if not name.startswith("_")] +
 
 @pytest.mark.parametrize("name", models.FAMILIES)
 def test_every_family_module_implements_the_whole_interface(name):
-    module = models._module(name)
+    module = models.family_module(name)
     missing = [attr for attr in INTERFACE if not hasattr(module, attr)]
     assert not missing, f"finetune.models.{name} lacks {missing}"
     assert module.NAME == name
