@@ -140,3 +140,24 @@ def load_training_state(ckpt: Path, device: torch.device | str = "cpu") -> dict[
     if device != "cpu":
         state["lora"] = {k: v.to(device) for k, v in state["lora"].items()}
     return state
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool) -> dict:
+    """The optimizer's state for a checkpoint. Under FSDP every process calls this: each LoRA parameter's state is
+    gathered whole, keyed by parameter name (torch.distributed.checkpoint's full state dict), so a checkpoint does
+    not depend on the process count; otherwise ``optimizer.state_dict()``."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, *, sharded: bool):
+    """Load what ``optimizer_state`` wrote; under FSDP every process takes its shard of the whole state."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

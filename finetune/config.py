@@ -128,6 +128,11 @@ class SampleConfig:
     steps: int = _field(0, "Sampling steps; 0 = the base model's default.", ge=0)
     guidance: float = _field(0.0, "Guidance scale; 0 = the base model's default.", ge=0.0)
     size: int = _field(0, "Square sample size in pixels; 0 = the base model's default.", ge=0)
+    preview_model: str = _field(
+        "",
+        "FLUX.2 [klein] only: also render every sample on this model with the trained LoRA (e.g. the distilled "
+        "black-forest-labs/FLUX.2-klein-4B at its 4 steps, CFG 1: the model people deploy).",
+    )
 
 
 @dataclass

@@ -233,12 +233,23 @@ def _lora_params_by_key(transformer: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor: gathered from every process), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def lora_state_dict(transformer: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The LoRA weights under diffusers keys, as contiguous CPU tensors in the parameter dtype (or ``dtype``)."""
+    """The LoRA weights under diffusers keys, as contiguous CPU tensors in the parameter dtype (or ``dtype``).
+
+    Under FSDP the parameters are shards: every process must call this (it gathers them), as FSDP's own
+    state-dict calls require."""
     params = _lora_params_by_key(transformer)
     if not params:
         raise FinetuneError("the transformer has no LoRA adapter; call add_lora first", 1)
-    return {k: p.detach().to(device="cpu", dtype=dtype or p.dtype, copy=True).contiguous() for k, p in params.items()}
+    return {
+        k: _full(p.detach()).to(device="cpu", dtype=dtype or p.dtype, copy=True).contiguous()
+        for k, p in params.items()
+    }
 
 
 def set_lora_state(transformer: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -282,7 +293,13 @@ def set_lora_state(transformer: nn.Module, state_dict: dict[str, torch.Tensor]) 
             )
     with torch.no_grad():
         for key, tensor in weights.items():
-            params[key].copy_(tensor.to(device=params[key].device, dtype=params[key].dtype))
+            param = params[key]
+            tensor = tensor.to(device=param.device, dtype=param.dtype)
+            if hasattr(param, "device_mesh"):  # an FSDP2 shard: every process keeps its part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                tensor = distribute_tensor(tensor, param.device_mesh, param.placements)
+            param.copy_(tensor)
 
 
 # ------------------------------------------------------------------------------------------------------------ files

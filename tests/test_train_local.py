@@ -12,6 +12,7 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -149,13 +150,14 @@ def test_the_registered_file_is_bf16_and_the_checkpoint_keeps_float32(work, data
     )
 
 
-def test_second_run_reuses_the_cache(work, dataset_zip, finetune_home):
-    cfg = parse_config(tiny_config(dataset_zip, steps=1))
+@pytest.mark.parametrize("base", ["preset:tiny", "preset:flux2-tiny"])
+def test_second_run_reuses_the_cache(work, dataset_zip, finetune_home, base):
+    cfg = parse_config(tiny_config(dataset_zip, base, steps=1))
     train(cfg)
     files = sorted((finetune_home / "cache").rglob("*.safetensors"))
     assert len(files) == 6 + len({"", *[f"a photo of TOK, picture {i}" for i in range(6)]}) + 4  # + sample prompts
     stamps = {f: f.stat().st_mtime_ns for f in files}
-    train(parse_config(tiny_config(dataset_zip, steps=2)))
+    train(parse_config(tiny_config(dataset_zip, base, steps=2)))
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
     assert sorted((finetune_home / "cache").rglob("*.safetensors")) == files
 
@@ -351,9 +353,15 @@ def test_loss_falls(work, finetune_home, seed):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(  # int8 weights are never broadcast: DDP syncs only the LoRA
-    "base, quantize", [("preset:tiny", "none"), ("preset:tiny", "int8"), ("preset:flux2-tiny", "none")]
+    "base, quantize, fsdp",
+    [
+        ("preset:tiny", "none", False),
+        ("preset:tiny", "int8", False),
+        ("preset:flux2-tiny", "none", False),
+        ("preset:flux2-tiny", "none", True),  # FSDP2: every weight sharded over the 2 processes, the LoRA gathered
+    ],
 )
-def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, base, quantize):
+def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, base, quantize, fsdp):
     data = tiny_config(dataset_zip, base, steps=4, batch_size=2, save_every=2, quantize=quantize)
     data["lora"] = {"save_dtype": "float32"}  # compare the trained weights, not their bf16 rounding
     config = work / "cfg.yaml"
@@ -373,11 +381,11 @@ def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, 
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            f"--master_port={29731 + (quantize == 'int8') + 2 * (base != 'preset:tiny')}",
+            f"--master_port={29731 + (quantize == 'int8') + 2 * (base != 'preset:tiny') + 4 * fsdp}",
         ]
         + ["-m", "finetune", "train", str(config), "train.output_dir=two"],
         cwd=work,
-        env=_env(multi_home),
+        env={**_env(multi_home), "ACCELERATE_USE_FSDP": "true" if fsdp else "false"},
         capture_output=True,
         text=True,
         timeout=300,  # a process-group hang at exit fails here (it takes ~15 s), not at CI's time limit
@@ -386,6 +394,26 @@ def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, 
     versions = Registry(multi_home).versions("me/tok")
     assert len(versions) == 1 and versions[0].lineage["processes"] == 2
     assert two.stdout.split() == [versions[0].ref]  # printed once, not once per process
+    assert ("FSDP: weights sharded" in (work / "two" / "train.log").read_text()) == fsdp
+    if fsdp:  # a checkpoint holds the whole LoRA and optimizer state, gathered from both shards
+        state = torch.load(work / "two/checkpoints/step-000002/training_state.pt", weights_only=False)
+        n_lora = len(load_file(str(work / "two/checkpoints/step-000002/lora.safetensors")))
+        assert len(state["optimizer"]["state"]) == n_lora
+        # and a sharded run resumed from its step-2 checkpoint ends bitwise where it did
+        shutil.copytree(work / "two", work / "three")
+        shutil.rmtree(work / "three" / "checkpoints" / "step-000004")
+        (work / "three" / "lora.safetensors").unlink()
+        resumed = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29739"]
+            + ["-m", "finetune", "train", str(config), "train.output_dir=three", "--resume"],
+            cwd=work,
+            env={**_env(tmp_path / "resumed"), "ACCELERATE_USE_FSDP": "true"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert (work / "three" / "lora.safetensors").read_bytes() == (work / "two" / "lora.safetensors").read_bytes()
     a = load_file(str(Registry(single_home).versions("me/tok")[0].lora_path))
     b = load_file(str(versions[0].lora_path))
     assert a.keys() == b.keys()
@@ -519,3 +547,42 @@ def test_a_checkpoint_from_before_a_new_key_resumes_when_the_key_is_at_its_defau
     changed = parse_config(tiny_config(dataset_zip) | {"train": {"allow_distilled": True}})
     with pytest.raises(FinetuneError, match="train.allow_distilled: None -> True"):
         _check_resumable(changed, state, "d", Path("ckpt"))
+
+
+def test_klein_samples_are_also_rendered_on_the_preview_model_with_the_lora(work, dataset_zip, tmp_path):
+    """sample.preview_model: the distilled klein people deploy, at its own 4 steps without CFG, with the LoRA."""
+    from finetune.models import flux2
+
+    distilled = flux2.save_preset("flux2-tiny", tmp_path / "klein-distilled", seed=7)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps(index | {"is_distilled": True}))
+    assert flux2.default_sampling(str(distilled))["steps"] == 4
+    data = tiny_config(dataset_zip, "preset:flux2-tiny", steps=2)
+    data["sample"] = {"every": 2, "prompts": ["a photo of [trigger]"], "seeds": [1, 2], "size": 32, "steps": 2,
+                      "preview_model": str(distilled)}  # fmt: skip
+    version = train(parse_config(data))
+    run = Path(version.lineage["run_dir"])
+    for step in ("step-000000", "step-000002"):
+        base = sorted(p.name for p in (run / "samples" / step).glob("*.png"))
+        preview = sorted(p.name for p in (run / "samples" / step / "preview").glob("*.png"))
+        assert base == preview == ["prompt0-seed1.png", "prompt0-seed2.png"]
+    from PIL import Image
+
+    a = np.asarray(Image.open(run / "samples/step-000002/prompt0-seed1.png"), dtype=np.int16)
+    b = np.asarray(Image.open(run / "samples/step-000002/preview/prompt0-seed1.png"), dtype=np.int16)
+    assert np.abs(a - b).mean() > 1  # another model (weights of seed 7), another schedule
+
+
+@pytest.mark.parametrize(
+    "base, preview, message",
+    [
+        ("preset:tiny", "preset:flux2-tiny", "previews on a second model are for FLUX.2 \\[klein\\]"),
+        ("preset:flux2-dev-tiny", "preset:flux2-tiny", "render a FLUX.2 \\[klein\\] LoRA on another \\[klein\\]"),
+        ("preset:flux2-tiny", "preset:flux2-small", "does not take a LoRA of preset:flux2-tiny"),
+    ],
+)
+def test_a_preview_model_that_cannot_take_the_lora_is_refused(work, dataset_zip, base, preview, message):
+    data = tiny_config(dataset_zip, base, steps=1)
+    data["sample"] = {"every": 1, "prompts": ["a photo of [trigger]"], "size": 32, "preview_model": preview}
+    with pytest.raises(FinetuneError, match=message):
+        train(parse_config(data))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from finetune.errors import FinetuneError
+from finetune.errors import EXIT_USAGE, FinetuneError
 from finetune.files import atomic_dir
 from finetune.models.common import (
     PRESET_WORDS,
@@ -571,6 +571,12 @@ def check_config(cfg: Config) -> None:
         FinetuneError: a folder without one of the parts.
     """
     check_folder_parts(cfg.base_model, PARTS, "FluxPipeline")
+    if cfg.sample.preview_model:
+        raise FinetuneError(
+            f"sample.preview_model: previews on a second model are for FLUX.2 [klein]; {cfg.base_model} is FLUX.1, "
+            "whose LoRAs run on the model they were trained on. Remove the key.",
+            EXIT_USAGE,
+        )
 
 
 def default_caption_dropout(base_model: str) -> float | None:

@@ -187,6 +187,14 @@ def check_config(cfg: Config) -> None:
             EXIT_USAGE,
         )
     common.check_folder_parts(base, ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Flux2Pipeline")
+    preview = cfg.sample.preview_model
+    if preview and not (is_klein(base) and is_klein(preview)):
+        raise FinetuneError(
+            f"sample.preview_model: {preview} with base_model {base}: previews render a FLUX.2 [klein] LoRA on "
+            "another [klein] checkpoint of the same size (e.g. the distilled black-forest-labs/FLUX.2-klein-4B for "
+            "klein-base-4B); name one, or remove the key",
+            EXIT_USAGE,
+        )
 
 
 def default_caption_dropout(base_model: str) -> float | None:
@@ -206,7 +214,10 @@ def transformer_gib(base_model: str) -> float:
 
 def default_sampling(base_model: str) -> dict[str, Any]:
     """Sampling defaults: both pipelines' own (50 steps, guidance 4.0: CFG scale for [klein] base, the embedded
-    guidance for [dev]) at 1024 px; presets 8 steps at 256 px so CPU sampling takes seconds."""
+    guidance for [dev]) at 1024 px; the distilled [klein] 4 steps without CFG; presets 8 steps at 256 px so CPU
+    sampling takes seconds."""
+    if is_distilled(base_model):  # the step-distilled klein: 4 steps, no CFG (BFL model card)
+        return {"steps": 4, "size": 256 if preset_name(base_model) else 1024, "guidance": 1.0}
     if preset_name(base_model) is not None:
         return {"steps": 8, "size": 256, "guidance": 4.0}
     return {"steps": 50, "size": 1024, "guidance": 4.0}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -81,6 +82,15 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             f"lora.targets: all-linear and lora.dropout: 0 (got {cfg.lora.targets!r}, {cfg.lora.dropout:g}); change "
             "those, set train.compile=false, or train.quantize=none on a GPU with 40 GB or more"
         )
+    # `accelerate launch --use_fsdp` (or ACCELERATE_USE_FSDP=true under torchrun) with several processes: FSDP2
+    sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and processes.num_processes > 1
+    if sharded:  # we shard (_shard); accelerate then runs as plain data-parallel and must not shard or wrap again
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    if sharded and (quantize or cfg.train.compile):
+        raise FinetuneError(
+            "FSDP (accelerate launch --use_fsdp) shards bf16 base weights: set train.quantize=none and "
+            "train.compile=false for it (int8 weights cannot be sharded as DTensors yet), or launch without FSDP",
+        )
     if not 1 <= cfg.lora.rank <= 256:
         raise FinetuneError(f"lora.rank: {cfg.lora.rank} is out of range; use 1 to 256")
     if cfg.train.batch_size % processes.num_processes:
@@ -114,9 +124,8 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     # ---- cache: built once by the main process, keyed by content and settings, read by every process ------------
     t_cache = time.perf_counter()
     vae_id = cache.source_identity(cfg.base_model, ["vae"])
-    text_id = cache.source_identity(
-        cfg.base_model, [*family.TEXT_PARTS, *(p.replace("text_encoder", "tokenizer") for p in family.TEXT_PARTS)]
-    )
+    tokenizers = [p.replace("text_encoder", "tokenizer") for p in family.TEXT_PARTS]  # diffusers names them so
+    text_id = cache.source_identity(cfg.base_model, [*family.TEXT_PARTS, *tokenizers])
     latent_keys = [cache.latent_key(vae_id, dataset.items[e.item].sha256, e.bucket, dtype) for e in entries]
     text_keys = {t: cache.text_key(text_id, t, seq_len, dtype, family.NAME) for t in texts}
     if main:
@@ -141,13 +150,15 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         _log_to(run_dir / "train.log")
     accelerator.init_trackers("logs")  # TensorBoard events in <run>/logs, W&B in <run>/wandb (main process only)
     log.info(
-        "run %s: %d images, %d entries, device %s, dtype %s, base weights %s",
+        "run %s: %d images, %d entries, device %s, dtype %s, base weights %s, %d process(es), %s",
         run_dir,
         len(dataset.items),
         len(entries),
         device,
         dtype,
         quantize or "not quantized",
+        accelerator.num_processes,
+        "FSDP: weights sharded over the processes" if sharded else "data-parallel",
     )
 
     # ---- the transformer (alone on the device with the VAE decoder), LoRA, optimizer, schedule; then a checkpoint --
@@ -165,6 +176,8 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+    if sharded:  # before the optimizer exists, so it holds the sharded parameters
+        _shard(transformer)
     params = lora.lora_parameters(transformer)
     optimizer = optim.build_optimizer(
         cfg.train.optimizer, params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, device=device
@@ -184,16 +197,19 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         # Several bucket shapes: one graph for a dynamic sequence length (the second shape would force it anyway).
         dynamic = len({entry.bucket for entry in entries}) > 1 or None
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic)
-    # DDP would broadcast every parameter from rank 0 at start: the frozen base is loaded the same by every process
-    # (24 GB of FLUX.1 for nothing), and int8 (torchao) weights cannot be broadcast at all. Only the LoRA syncs.
-    frozen = [name for name, p in transformer.named_parameters() if not p.requires_grad]
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
-    model, optimizer = accelerator.prepare(transformer, optimizer)
+    if sharded:  # FSDP reduce-scatters the LoRA's gradients itself: accelerate must not wrap the model in DDP too
+        model, optimizer = transformer, accelerator.prepare(optimizer)
+    else:
+        # DDP would broadcast every parameter from rank 0 at start: the frozen base is loaded the same by every
+        # process (24 GB of FLUX.1 for nothing), and int8 (torchao) weights cannot be broadcast. Only the LoRA syncs.
+        frozen = [name for name, p in transformer.named_parameters() if not p.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
+        model, optimizer = accelerator.prepare(transformer, optimizer)
     start = 0
     torch.manual_seed(cfg.train.seed)  # LoRA dropout is the only user of the global RNG
     if state is not None:
         lora.set_lora_state(transformer, state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.load_optimizer_state(transformer, optimizer, state["optimizer"], sharded=sharded)
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         start = state["step"]
@@ -203,7 +219,11 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     guidance = cfg.train.guidance if getattr(transformer.config, "guidance_embeds", False) else None  # dev only
     batch = _Batches(cfg, family, entries, latents, text, dataset.items, c.vae, accelerator, dtype)
     val = _validation_batch(cfg, family, entries, latents, text, dataset.items, c.vae, device, dtype)
-    sampling = _sampling(cfg, family, c, transformer, text, prompts) if main else None
+    sampling = _sampling(cfg, family, c, transformer, text, prompts) if main or sharded else None
+    if sampling is not None and cfg.sample.preview_model:
+        weights = lora.lora_state_dict(transformer)  # under FSDP every process takes part in gathering the shards
+        if main:
+            sampling["preview"] = _preview(cfg, family, c, weights, dtype, quantize)
     losses = torch.zeros(cfg.train.steps, device=device)
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not main, dynamic_ncols=True)
     smoothed, logged, t_loop, t_log = None, start, time.perf_counter(), time.perf_counter()
@@ -214,8 +234,11 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     for step in range(start, cfg.train.steps):
         for micro in range(accum):
             sync = micro == accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = _flow_loss(family, model, batch(step * accum + micro), guidance)
+            if sharded:  # FSDP's own switch for reduce-scattering gradients; autocast, which prepare() adds to DDP
+                model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(model):
+                with accelerator.autocast() if sharded else contextlib.nullcontext():
+                    loss = _flow_loss(family, model, batch(step * accum + micro), guidance)
                 accelerator.backward(loss / accum)
             losses[step] += loss.detach() / accum
         if cfg.train.max_grad_norm > 0:
@@ -247,8 +270,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             logged, t_log = done, time.perf_counter()
         bar.update(1)
         if cfg.train.save_every and done % cfg.train.save_every == 0 or done == cfg.train.steps:
-            if main:
-                _save(cfg, family, run_dir, done, transformer, optimizer, scheduler, dataset.digest)
+            _save(cfg, family, run_dir, done, transformer, optimizer, scheduler, dataset.digest, main, sharded)
             accelerator.wait_for_everyone()
         if cfg.sample.every and done % cfg.sample.every == 0 and done != cfg.train.steps:
             t_eval = time.perf_counter()
@@ -261,10 +283,11 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
 
     # ---- register: the main process adds the version, the others read it back ------------------------------------
     ref = [None]
+    weights = lora.lora_state_dict(transformer)  # under FSDP every process takes part in gathering the shards
     if main:
         lora_file = lora.save_lora(
             run_dir / "lora.safetensors",
-            lora.lora_state_dict(transformer),
+            weights,
             rank=cfg.lora.rank,
             alpha=cfg.lora.alpha,
             base_model=cfg.base_model,
@@ -435,15 +458,8 @@ class _Batches:
     from (seed, index, sample id) so any process count sees the same samples with the same noise."""
 
     def __init__(self, cfg, family, entries, latents, text, items, vae, accelerator, dtype):
-        self.cfg, self.family, self.entries, self.latents, self.text, self.items = (
-            cfg,
-            family,
-            entries,
-            latents,
-            text,
-            items,
-        )
-        self.vae, self.dtype, self.device = vae, dtype, accelerator.device
+        self.cfg, self.family, self.entries, self.latents = cfg, family, entries, latents
+        self.text, self.items, self.vae, self.dtype, self.device = text, items, vae, dtype, accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.order = BatchOrder(entries, cfg.train.batch_size, cfg.train.seed)
         self.ids: dict[tuple[int, ...], torch.Tensor] = {}  # image position ids per latent shape
@@ -514,7 +530,6 @@ def _sampling(cfg, family, c, transformer, text, prompts) -> dict | None:
         return None
     defaults = family.default_sampling(cfg.base_model)
     return {
-        "family": family,
         "pipe": family.sampling_pipeline(transformer, c.vae, c.scheduler),
         "prompts": prompts,
         "steps": cfg.sample.steps or defaults["steps"],
@@ -525,28 +540,62 @@ def _sampling(cfg, family, c, transformer, text, prompts) -> dict | None:
     }
 
 
+def _preview(cfg, family, c, weights, dtype, quantize) -> dict:
+    """``sample.preview_model`` with a copy of the LoRA: kept on the CPU, moved to the device only to sample, so
+    training holds one transformer on the GPU. Its defaults (distilled klein: 4 steps, CFG 1) set steps and guidance.
+
+    Raises:
+        FinetuneError: a preview model whose layers do not take this LoRA (another size).
+    """
+    model = family.load_components(cfg.sample.preview_model, dtype=dtype, parts=("transformer",), quantize=quantize)
+    preview = model.transformer
+    lora.add_lora(preview, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets, seed=cfg.train.seed)
+    try:
+        lora.set_lora_state(preview, weights)
+    except Exception as e:  # peft/torch report a shape mismatch in their own words
+        raise FinetuneError(
+            f"sample.preview_model: {cfg.sample.preview_model} does not take a LoRA of {cfg.base_model} ({e}); name a "
+            "checkpoint of the same size (klein-base-4B → FLUX.2-klein-4B, 9B → 9B)"
+        ) from e
+    defaults = family.default_sampling(cfg.sample.preview_model)
+    pipe = family.sampling_pipeline(preview, c.vae, c.scheduler)
+    return {"transformer": preview, "pipe": pipe, "steps": defaults["steps"], "guidance": defaults["guidance"]}
+
+
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # a few eval shapes are not worth compiling (no-op when not compiled)
 def _evaluate(cfg, family, step, transformer, val, guidance, sampling, run_dir, accelerator) -> None:
-    """Fixed-σ validation loss and sample images (main process; the bare model, so no collective is needed), into
-    metrics.jsonl, samples/ and the trackers."""
-    if not accelerator.is_main_process:
+    """Fixed-σ validation loss and sample images, into metrics.jsonl, samples/ and the trackers. With DDP the main
+    process alone runs them on the bare model (no collective); under FSDP every process runs them, since each
+    forward gathers the blocks' shards from all of them, and the main process writes."""
+    main = accelerator.is_main_process
+    if not (main or _is_sharded(transformer)):
         return
     transformer.eval()
     val_loss = sum(_flow_loss(family, transformer, b, guidance).item() for b in val) / max(1, len(val))
-    _metrics(run_dir, True, {"step": step, "val_loss": val_loss})
-    accelerator.log({"val_loss": val_loss}, step=step)
+    if main:
+        _metrics(run_dir, True, {"step": step, "val_loss": val_loss})
+        accelerator.log({"val_loss": val_loss}, step=step)
     if sampling is not None:
-        images = sampling["family"].sample_images(
-            sampling["pipe"],
-            sampling["prompts"],
-            list(cfg.sample.seeds),
-            steps=sampling["steps"],
+        render = functools.partial(
+            family.sample_images,
+            prompts=sampling["prompts"],
+            seeds=list(cfg.sample.seeds),
             size=sampling["size"],
-            guidance=sampling["guidance"],
             text=sampling["text"],
             negative_text=sampling["negative_text"],
         )
+        images = render(sampling["pipe"], steps=sampling["steps"], guidance=sampling["guidance"])
+        weights = lora.lora_state_dict(transformer) if cfg.sample.preview_model else None  # all processes: FSDP
+        preview = sampling.get("preview")
+        if preview is not None:  # the same LoRA on the preview model, on the device only while it samples
+            lora.set_lora_state(preview["transformer"], weights)
+            preview["transformer"].to(transformer.device)
+            previews = render(preview["pipe"], steps=preview["steps"], guidance=preview["guidance"])
+            preview["transformer"].to("cpu")
+        if not main:
+            transformer.train()
+            return
         folder = run_dir / "samples" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         jobs = [(p, s) for p in range(len(sampling["prompts"])) for s in cfg.sample.seeds]
@@ -554,6 +603,11 @@ def _evaluate(cfg, family, step, transformer, val, guidance, sampling, run_dir, 
         for (p, s), image in zip(jobs, images, strict=True):
             image.save(folder / f"prompt{p}-seed{s}.png")
             by_prompt.setdefault(f"samples/prompt{p}", []).append(image)
+        if preview is not None:
+            (folder / "preview").mkdir(exist_ok=True)
+            for (p, s), image in zip(jobs, previews, strict=True):
+                image.save(folder / "preview" / f"prompt{p}-seed{s}.png")
+                by_prompt.setdefault(f"preview/prompt{p}", []).append(image)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":  # SummaryWriter.add_images wants one uint8 array, NHWC here
                 arrays = {k: np.stack([np.asarray(im) for im in v]) for k, v in by_prompt.items()}
@@ -614,10 +668,36 @@ def _peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}G"  # Linux reports KiB
 
 
-def _save(cfg, family, run_dir, step, transformer, optimizer, scheduler, digest) -> None:
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _shard(transformer: torch.nn.Module) -> None:
+    """FSDP2 (torch ``fully_shard``) over the processes: each repeated block is one unit, gathered whole only while it
+    runs forward or backward, then the rest of the model; every parameter, frozen or LoRA, keeps a 1/N slice on each
+    process. Applied by us rather than through accelerate's plugin, which only shards on accelerators: the same code
+    then runs on 2 CPU processes in the tests and on GPUs."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in transformer.modules():
+        if type(module).__name__ in transformer._repeated_blocks:  # FLUX's double and single blocks
+            fully_shard(module)
+    fully_shard(transformer)
+
+
+def _save(cfg, family, run_dir, step, transformer, optimizer, scheduler, digest, main, sharded) -> None:
+    """Write a checkpoint (main process). Under FSDP every process calls it: the LoRA and its optimizer state are
+    gathered from every shard first."""
+    if not (main or sharded):
+        return
     weights = lora.lora_state_dict(transformer)
+    optimizer_state = checkpoint.optimizer_state(transformer, optimizer, sharded=sharded)
+    if not main:
+        return
     state = {  # the LoRA itself is stored once, in the checkpoint's lora.safetensors
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": checkpoint.rng_state(),
         "data_index": step * cfg.train.gradient_accumulation,  # next global micro-batch

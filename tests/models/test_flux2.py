@@ -170,3 +170,27 @@ def test_quantize_auto_weighs_the_model_size():
     assert flux2.transformer_gib("black-forest-labs/FLUX.2-klein-base-9B") == pytest.approx(16.8)
     assert flux2.transformer_gib("black-forest-labs/FLUX.2-dev") == pytest.approx(59.6)
     assert flux2.transformer_gib("preset:flux2-small") == 0.0
+
+
+@pytest.mark.parametrize(
+    "base, gib, expected",
+    [
+        ("black-forest-labs/FLUX.2-klein-base-4B", 16, "int8"),  # 7.2 GiB + 14 > 16
+        ("black-forest-labs/FLUX.2-klein-base-4B", 24, None),
+        ("black-forest-labs/FLUX.2-klein-base-9B", 24, "int8"),  # 16.8 + 14 > 24
+        ("black-forest-labs/FLUX.2-klein-base-9B", 48, None),
+        ("black-forest-labs/FLUX.2-dev", 48, "int8"),  # 59.6 + 14 > 48
+        ("black-forest-labs/FLUX.2-dev", 80, None),
+        ("black-forest-labs/FLUX.1-dev", 24, "int8"),  # FLUX.1's rule as before: under 36 GiB
+        ("black-forest-labs/FLUX.1-dev", 40, None),
+    ],
+)
+def test_quantize_auto_on_a_gpu_of_each_size(monkeypatch, base, gib, expected):
+    """``train.quantize: auto`` on a CUDA device (faked properties): int8 below the family's bf16 weights + 14 GiB."""
+    from types import SimpleNamespace
+
+    from finetune import models
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gib * 2**30))
+    family = models.family_for(base)
+    assert models.resolve_quantize("auto", "cuda", weights_gib=family.transformer_gib(base)) == expected
