@@ -28,7 +28,9 @@ for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.to
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 __all__ = [
+    "FLUX_SCHEDULER",
     "HUB_ID_RE",
+    "PRESET_VAE_LOGVAR_SHIFT",
     "PRESET_WORDS",
     "bytes_to_unicode",
     "check_folder_parts",
@@ -45,6 +47,19 @@ __all__ = [
 ]
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The FLUX.1-dev/schnell scheduler config (scheduler/scheduler_config.json of both repos). FLUX.2 folders reuse it:
+# diffusers' scripts/convert_flux2_to_diffusers.py loads FLUX.1-dev's scheduler for them, and ai-toolkit and
+# SimpleTuner use the same numbers; the FLUX.2 pipelines set μ themselves (compute_empirical_mu).
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+PRESET_VAE_LOGVAR_SHIFT = 8.0  # presets' VAE log-variance bias: exp(-8 / 2) ≈ 0.018, a trained VAE's posterior std
 # Words that get whole-word tokens in the presets' tokenizers; anything else still tokenizes (bytes / characters).
 PRESET_WORDS = tuple(
     "a an the of on in at with and by for to from is photo picture painting drawing portrait oil style art "

@@ -22,6 +22,8 @@ import torch
 from finetune.errors import EXIT_USAGE, FinetuneError
 from finetune.files import atomic_dir
 from finetune.models.common import (
+    FLUX_SCHEDULER,
+    PRESET_VAE_LOGVAR_SHIFT,
     PRESET_WORDS,
     bytes_to_unicode,
     check_folder_parts,
@@ -119,16 +121,6 @@ BFL_BLOCKS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     ),
 }
 BFL_ROW_RATIOS = {"proj_mlp": 4}  # rows of a fused part per hidden unit, when it is untrained and filled with zeros
-# The FLUX.1-dev/schnell scheduler config (scheduler/scheduler_config.json of both repos).
-FLUX_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
 CLIP_MAX_LENGTH = 77  # CLIP-L's position embeddings; FluxPipeline reads tokenizer.model_max_length
 T5_MAX_LENGTH = 512  # FLUX.1-dev's longest T5 prompt (schnell uses 256)
 
@@ -253,9 +245,6 @@ def _build_t5_tokenizer() -> Any:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-_PRESET_VAE_LOGVAR_SHIFT = 8.0  # exp(-8 / 2) ≈ 0.018: posterior std of a trained-looking VAE
-
-
 def build_preset(name: str, seed: int = 0) -> FluxComponents:
     """Build ``preset:<name>`` in process: the full FLUX.1 layout at toy sizes with random weights.
 
@@ -289,7 +278,7 @@ def build_preset(name: str, seed: int = 0) -> FluxComponents:
         # A trained VAE's posterior is narrow (std far below the spread of the means); at random init the log-variance
         # half of the encoder output is ~0, so std ~1 and every latent would be mostly noise. Shift it to std ~0.02.
         with torch.no_grad():
-            vae.encoder.conv_out.bias[16:] -= _PRESET_VAE_LOGVAR_SHIFT
+            vae.encoder.conv_out.bias[16:] -= PRESET_VAE_LOGVAR_SHIFT
         torch.manual_seed(seed + 2)
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         text_encoder = CLIPTextModel(

@@ -18,30 +18,11 @@ from typing import Any
 
 import torch
 
-from finetune.models.common import PRESET_WORDS, bytes_to_unicode
+from finetune.models.common import FLUX_SCHEDULER, PRESET_VAE_LOGVAR_SHIFT, PRESET_WORDS, bytes_to_unicode
+from finetune.models.flux2 import DEV_LAYERS, KLEIN_LAYERS
 
-__all__ = ["FLUX2_SCHEDULER", "PRESET_NAMES", "build", "build_dev_tiny", "build_klein"]
+__all__ = ["PRESET_NAMES", "build", "build_dev_tiny", "build_klein"]
 
-# FLUX.1-dev's scheduler config. diffusers' scripts/convert_flux2_to_diffusers.py builds the FLUX.2 folders with
-# `FlowMatchEulerDiscreteScheduler.from_pretrained("black-forest-labs/FLUX.1-dev", subfolder="scheduler")`; ai-toolkit
-# and SimpleTuner use the same numbers for FLUX.2/klein, ollama's klein port the same (shift 3, dynamic, exponential).
-# The FLUX.2 pipelines pass `mu = compute_empirical_mu(seq_len, steps)` to set_timesteps, so `use_dynamic_shifting`
-# must be True (base_shift/max_shift/*_image_seq_len are then unused at sampling; trainers read them).
-FLUX2_SCHEDULER: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-    time_shift_type="exponential",
-)
-KLEIN_TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's default text_encoder_out_layers
-DEV_TEXT_LAYERS = (10, 20, 30)  # Flux2Pipeline's default text_encoder_out_layers
-MAX_SEQUENCE_LENGTH = 512  # both pipelines pad/truncate prompts to 512 tokens
-
-_VAE_LOGVAR_SHIFT = 8.0  # exp(-8 / 2) ≈ 0.018: posterior std of a trained-looking VAE (as the FLUX.1 presets)
 _VAE_SMALL = dict(block_out_channels=(16, 32, 64, 64), norm_num_groups=8)
 _VAE_TINY = dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
 
@@ -295,7 +276,7 @@ def _build_vae(spec: dict[str, Any]) -> Any:
         # The moments (mean ‖ logvar) come out of quant_conv when there is one, else encoder.conv_out (FLUX.1 preset);
         # shift the log-variance half there so the posterior std is ~0.02 instead of ~1.
         last = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
-        last.bias[latent_channels:] -= _VAE_LOGVAR_SHIFT
+        last.bias[latent_channels:] -= PRESET_VAE_LOGVAR_SHIFT
         # The pipelines (de)normalise the 128-ch patchified latents with bn.running_mean / running_var; make them
         # visibly non-trivial so a path that skips the normalisation shows up in tests.
         n = vae.bn.running_mean.numel()
@@ -319,7 +300,7 @@ def _build_transformer(spec: dict[str, Any], joint_attention_dim: int, guidance_
 def _scheduler() -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER)
+    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
 
 
 def build_klein(name: str, seed: int = 0) -> dict[str, Any]:
@@ -335,7 +316,7 @@ def build_klein(name: str, seed: int = 0) -> dict[str, Any]:
     tokenizer = _build_qwen_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = _build_transformer(spec["transformer"], len(KLEIN_TEXT_LAYERS) * hidden, guidance_embeds=False)
+        transformer = _build_transformer(spec["transformer"], len(KLEIN_LAYERS) * hidden, guidance_embeds=False)
         torch.manual_seed(seed + 1)
         vae = _build_vae(spec["vae"])
         torch.manual_seed(seed + 2)
@@ -372,7 +353,7 @@ def build_dev_tiny(seed: int = 0) -> dict[str, Any]:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "[IMG]")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = _build_transformer(spec["transformer"], len(DEV_TEXT_LAYERS) * hidden, guidance_embeds=True)
+        transformer = _build_transformer(spec["transformer"], len(DEV_LAYERS) * hidden, guidance_embeds=True)
         torch.manual_seed(seed + 1)
         vae = _build_vae(spec["vae"])
         torch.manual_seed(seed + 2)
