@@ -17,7 +17,7 @@ from finetune.errors import EXIT_USAGE, FinetuneError
 
 app = typer.Typer(
     rich_markup_mode=None,
-    help="Fine-tune FLUX.1 with LoRA, locally or on Replicate, and compare the versions you get.",
+    help="Fine-tune FLUX.1 and FLUX.2 with LoRA, locally or on Replicate, and compare the versions you get.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -457,6 +457,24 @@ def webhooks_serve(
         typer.secho(f"Warning: listening on {host}, not loopback; only signed deliveries are accepted.", err=True)
     typer.echo(f"Listening on {receiver.url} (Ctrl-C stops); events go to {root}/<run>/events.jsonl")
     receiver.serve()
+
+
+@app.command("env")
+def env_(
+    json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON, for scripts.")] = False,
+) -> None:
+    """What this machine has (versions, GPUs, disk, logins, extras) and which FLUX models train on it; loads no model.
+    Paste its output into bug reports."""
+    import json
+
+    from finetune import env
+
+    info = env.collect()
+    lines = env.plan(info["gpus"], env.transformer_sizes())
+    if json_:
+        typer.echo(json.dumps({**info, "plan": lines}, indent=2))
+    else:
+        typer.echo(env.format_report(info, lines), nl=False)
 
 
 @app.command()
