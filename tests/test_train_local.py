@@ -441,20 +441,27 @@ def test_compiled_int8_run_trains_the_eager_int8_lora(work, dataset_zip):
 
 
 @pytest.mark.slow
-def test_compiled_run_trains_the_same_lora(work, dataset_zip):
+@pytest.mark.parametrize("base", ["preset:tiny", "preset:flux2-tiny"])
+def test_compiled_run_trains_the_same_lora(work, dataset_zip, base):
     """train.compile=true (regional, dynamic over the buckets) gives the eager run's LoRA within float tolerance."""
     from torch._dynamo.utils import counters
 
     fp32 = {"lora": {"save_dtype": "float32"}}  # compare the trained weights, not their bf16 rounding
-    eager = train(parse_config(tiny_config(dataset_zip, output_dir="eager") | fp32))
+    eager = train(parse_config(tiny_config(dataset_zip, base, output_dir="eager") | fp32))
     counters.clear()
-    compiled = train(parse_config(tiny_config(dataset_zip, output_dir="compiled", compile=True) | fp32))
+    compiled = train(parse_config(tiny_config(dataset_zip, base, output_dir="compiled", compile=True) | fp32))
     assert counters["stats"]["unique_graphs"] >= 2  # a double-block and a single-block graph really were compiled
     assert compiled.lineage["config"]["train"]["compile"] is True
     a, b = load_file(str(eager.lora_path)), load_file(str(compiled.lora_path))
     assert a.keys() == b.keys()
-    for key in a:  # same tolerance as the data-parallel test, for the same reason (Adam and near-zero gradients)
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    if base == "preset:tiny":
+        for key in a:  # same tolerance as the data-parallel test, for the same reason (Adam and near-zero gradients)
+            torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    else:  # FLUX.2: the same, except that a rare weight whose gradient is near zero may take a different Adam step
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        scale = torch.cat([b[k].abs().flatten() for k in a])
+        assert float((diff > 1e-4 + 1e-3 * scale).float().mean()) < 0.001  # measured: 1 of 27136 weights
+        assert float(diff.max()) < 1e-2  # under one Adam step at lr 1e-2
     assert max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k) > 1e-2
 
 
