@@ -232,3 +232,12 @@ def test_trainings_list_show_and_cancel_commands(replicate_stub, tmp_path, capsy
     assert capsys.readouterr().out.strip() == f"{tid}: canceled"
     assert run_cli(["trainings", "show", "nope"]) == 2
     assert "404" in capsys.readouterr().err
+
+
+def test_a_flux2_base_stops_before_any_request_and_says_where_it_trains(replicate_stub, tmp_path, capsys):
+    cfg_path = write_config(tmp_path, base_model="black-forest-labs/FLUX.2-klein-base-4B")
+    for extra in ([], ["--allow-unmapped"]):  # not a setting to drop: it would train another model
+        assert run_cli(["train", str(cfg_path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "no FLUX.2 LoRA trainer" in err and "FLUX.1 [dev] only" in err and "remote.trainer" in err
+    assert replicate_stub.requests == []

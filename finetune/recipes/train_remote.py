@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune import models
 from finetune.config import Config, config_to_dict
 from finetune.errors import EXIT_FAILURE, EXIT_USAGE, FinetuneError
 from finetune.files import sha256_file, write_atomic
@@ -69,6 +70,7 @@ POLL_MAX_INTERVAL = 15.0  # seconds; while `starting` (queue/cold boot) the inte
 COLD_BOOT_NOTICE_S = 60.0  # `starting` longer than this is a cold boot: say so once
 LOG_TAIL_LINES = 20  # log lines shown with a failure
 DEV_BASE = "black-forest-labs/FLUX.1-dev"
+DEFAULT_TRAINER = "ostris/flux-dev-lora-trainer"  # the config's remote.trainer default: FLUX.1 [dev] LoRAs
 PLACEHOLDER_URL = "https://example.invalid/dataset.zip"  # validates the input before the real URL exists
 # Settings with no effect on the result when training remotely: never reported.
 LOCAL_ONLY = {
@@ -534,6 +536,15 @@ def train_remote(
 ) -> Version | None:
     """Train ``cfg`` on Replicate and register the result; returns the Version (None when detached)."""
     # 1. Map the config and stop early on what the trainer cannot honour (before any network call).
+    family = models.family_name(cfg.base_model)
+    if family != "flux1" and cfg.remote.trainer.split(":", 1)[0] == DEFAULT_TRAINER:
+        raise FinetuneError(
+            f"backend: replicate: base_model {cfg.base_model} is FLUX.2, and Replicate has no FLUX.2 LoRA trainer "
+            f"today: {DEFAULT_TRAINER} trains FLUX.1 [dev] only, so it would train another model than this config "
+            "names. Train FLUX.2 locally (backend: local; `finetune env` says how it fits this machine), or set "
+            "remote.trainer to a Replicate trainer model that trains FLUX.2 (your own Cog trainer, for example).",
+            EXIT_USAGE,
+        )
     inputs, origin, unmapped = map_inputs(cfg)
     if unmapped and not allow_unmapped:
         raise FinetuneError(
