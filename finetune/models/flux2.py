@@ -134,7 +134,7 @@ class Flux2Components:
     transformer: Any = None  # diffusers.Flux2Transformer2DModel
     vae: Any = None  # diffusers.AutoencoderKLFlux2
     text_encoder: Any = None  # transformers.Qwen3ForCausalLM ([klein]) or Mistral3ForConditionalGeneration ([dev])
-    tokenizer: Any = None  # Qwen2TokenizerFast ([klein]); [dev]: its tokenizer (see _load_dev_tokenizer)
+    tokenizer: Any = None  # Qwen2TokenizerFast ([klein]); [dev]: AutoTokenizer in its PixtralProcessor's place
     scheduler: Any = None  # diffusers.FlowMatchEulerDiscreteScheduler
 
 
@@ -168,7 +168,8 @@ def check_config(cfg: Config) -> None:
     """Settings FLUX.2 cannot train with, refused before any model loads.
 
     Raises:
-        FinetuneError: a distilled [klein] base (unless ``train.allow_distilled``), guidance set for [klein].
+        FinetuneError: a distilled [klein] base (unless ``train.allow_distilled``), guidance set for [klein], a
+            folder without one of the parts, a preview model that is not [klein].
     """
     base = cfg.base_model
     if is_distilled(base) and not cfg.train.allow_distilled:
