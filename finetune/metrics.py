@@ -167,12 +167,15 @@ def _load(loader: Any, name: str, **kwargs: Any) -> Any:
     take ~30 s when it is unreachable); only an uncached one is fetched."""
     from transformers.utils import logging as hf_logging
 
+    from finetune.models.common import quiet_progress
+
     # transformers warns on every processor load that torchvision is absent and it falls back to its PIL backend,
     # which is the backend we want: keep the console to what the user can act on.
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return loader.from_pretrained(name, local_files_only=True, **kwargs)
+        with quiet_progress():  # no "Loading weights" bar for a scorer read from disk; a download keeps its bars
+            return loader.from_pretrained(name, local_files_only=True, **kwargs)
     except OSError:
         if Path(name).expanduser().exists():
             raise
@@ -340,16 +343,15 @@ def save_tiny_scorers(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     import json
 
     import torch
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-        ViTConfig,
-        ViTImageProcessor,
-        ViTModel,
-    )
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig, ViTModel
+
+    from finetune.models.common import quiet_progress
+
+    try:  # the PIL processors by name: the plain names need torchvision and print a notice as they fall back to these
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        from transformers import ViTImageProcessorPil as ViTImageProcessor
+    except ImportError:  # transformers before the torchvision/PIL split, where the plain names are the PIL ones
+        from transformers import CLIPImageProcessor, ViTImageProcessor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -369,7 +371,7 @@ def save_tiny_scorers(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
         projection_dim=16,
     )  # fmt: skip
     clip_dir, dino_dir = folder / "clip", folder / "dino"
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), quiet_progress():  # no "Writing model shards" bars
         torch.manual_seed(seed)
         CLIPModel(config).save_pretrained(clip_dir)
         ViTModel(ViTConfig(image_size=32, patch_size=8, **tower), add_pooling_layer=False).save_pretrained(dino_dir)

@@ -23,16 +23,20 @@ import base64
 import html
 import io
 import json
+import math
+import re
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from finetune.files import write_atomic
 
-__all__ = ["SCHEMA", "best_values", "render_grid", "render_html", "write_report"]
+__all__ = ["SCHEMA", "best_values", "render_grid", "render_html", "wrap_label", "write_report"]
 
 SCHEMA = "finetune.eval/1"
 GRID_CELL_PX = 320  # longest side of one image in grid.png
+GRID_LABEL_PX = 160  # columns widen up to this for a column label's widest unbreakable piece (a name, a version id)
 THUMB_PX = 256  # longest side of a thumbnail in index.html
 
 
@@ -60,24 +64,64 @@ def _image_index(doc: dict) -> dict[tuple[str, int, int], dict]:
     return {(im["column"], im["prompt_index"], im["seed"]): im for im in doc["images"]}
 
 
+def wrap_label(text: str, width: float, measure: Callable[[str], float] = len) -> list[str]:
+    """``text`` in lines no wider than ``width`` (as ``measure`` counts), broken only at spaces and after ``/`` or
+    ``:``, so a reference ``owner/name:version`` never splits inside a name or an id.
+
+    Greedy, like ``textwrap.wrap`` but with those break points: a piece that is wider than ``width`` on its own
+    gets a line to itself, whole. Joining the lines (a space where a space was) gives ``text`` back.
+    """
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        for i, piece in enumerate(re.findall(r"[^/:]*[/:]|[^/:]+", word)):
+            joined = line + (" " if line and i == 0 else "") + piece
+            if line and measure(joined) > width:
+                lines.append(line)
+                joined = piece
+            line = joined
+    return [*lines, line] if line else lines
+
+
+def _shorten(text: str, width: float, measure: Callable[[str], float]) -> str:
+    """``text``, cut with a trailing "…" if it is wider than ``width`` (a 64-character Replicate version id in a
+    small cell); the full reference is in index.html."""
+    if measure(text) <= width:
+        return text
+    while len(text) > 1 and measure(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def render_grid(doc: dict, folder: Path) -> Any:
-    """The comparison grid: one row per prompt × seed, one column per report column, labelled."""
+    """The comparison grid: one row per prompt × seed, one column per report column, labelled.
+
+    Column labels wrap at spaces, ``/`` and ``:`` (``wrap_label``); the header grows to hold every line, and the
+    columns widen (up to ``GRID_LABEL_PX``) to hold the widest piece, so a version id shows whole.
+    """
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     width, height = doc["settings"]["width"], doc["settings"]["height"]
     scale = min(1.0, GRID_CELL_PX / max(width, height))
     cell_w, cell_h = max(1, round(width * scale)), max(1, round(height * scale))
-    label_w, header_h, pad = 220, 36, 4
+    label_w, line_h, pad = 220, 11, 4
     columns, rows = doc["columns"], _rows(doc)
+    px = font.getlength
+    text_w = cell_w + pad - 2  # a label may use its column's gap to the next one
+    widest = max((px(line) for c in columns for line in wrap_label(c["label"], text_w, px)), default=0)
+    text_w = max(text_w, min(math.ceil(widest), GRID_LABEL_PX))
+    col_w = text_w + 2 - pad
+    headers = [[_shorten(line, text_w, px) for line in wrap_label(c["label"], text_w, px)] for c in columns]
+    header_h = max(36, 3 + line_h * max((len(lines) for lines in headers), default=0))
     grid = Image.new(
-        "RGB", (label_w + len(columns) * (cell_w + pad), header_h + len(rows) * (cell_h + pad)), (255, 255, 255)
+        "RGB", (label_w + len(columns) * (col_w + pad), header_h + len(rows) * (cell_h + pad)), (255, 255, 255)
     )
     draw = ImageDraw.Draw(grid)
-    for c, column in enumerate(columns):
-        x = label_w + c * (cell_w + pad)
-        for i, line in enumerate(textwrap.wrap(column["label"], max(8, cell_w // 6))[:3]):
-            draw.text((x + 2, 2 + i * 11), line, fill=(0, 0, 0), font=font)
+    for c, lines in enumerate(headers):
+        x = label_w + c * (col_w + pad)
+        for i, line in enumerate(lines):
+            draw.text((x + 2, 2 + i * line_h), line, fill=(0, 0, 0), font=font)
     images = _image_index(doc)
     for r, (prompt_index, seed) in enumerate(rows):
         y = header_h + r * (cell_h + pad)
@@ -89,9 +133,7 @@ def render_grid(doc: dict, folder: Path) -> Any:
             if entry is None:
                 continue
             with Image.open(folder / entry["file"]) as im:
-                grid.paste(
-                    im.convert("RGB").resize((cell_w, cell_h), Image.BICUBIC), (label_w + c * (cell_w + pad), y)
-                )
+                grid.paste(im.convert("RGB").resize((cell_w, cell_h), Image.BICUBIC), (label_w + c * (col_w + pad), y))
     return grid
 
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-import finetune.models.common  # noqa: F401  (first: it quiets torchao's import-time logging, as in every finetune run)
+import finetune  # noqa: F401  (first: it quiets torchao's import-time logging, as in every finetune run)
 
 DEV = dict(attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768)
 DOUBLE, SINGLE = 19, 38  # FLUX.1-dev's block counts

@@ -1,4 +1,8 @@
 import json
+import os
+import re
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -42,3 +46,59 @@ def test_demo_produces_every_artefact_and_the_loss_falls(tmp_path, monkeypatch, 
     doc = json.loads((report / "metrics.json").read_text())
     assert len(doc["versions"]) == 2
     assert Registry().resolve("demo/shapes-tiny").info["evals"], "the eval summary is appended to the version"
+
+
+# What the demo prints itself: its stage headers and indented details (demo.py), the closing summary, and the
+# progress bars of prepare, train and eval, whose units are img and step; libraries count in it/s.
+OUR_LINES = re.compile(
+    r"\[\d/\d\] \S.*"  # a stage
+    r"|  \S.*"  # a detail under a stage or in the summary
+    r"|Done in \d+ s\. .*"
+    r"|The model has random weights: .*"
+    r"|(?:prepare|sampling)?:? *\d+%\|[^|]*\| *\d+/\d+ \[[^\]]*(?:[\d.?]+(?:img|step)/s|s/(?:img|step))[^\]]*\]"
+)
+# Never ours, even where a line fits a pattern above.
+FOREIGN = re.compile(r"transformers|diffusers|torchvision|torchao|_pytree|Warning|warn\(|deprecat|it/s|s/it|\.so\b")
+LOG_PREFIX = "finetune log: "
+
+
+def _ours(line: str) -> bool:
+    """Whether ``line`` is blank, one of our log records, or fits ``OUR_LINES``, and names nothing ``FOREIGN``."""
+    if FOREIGN.search(line):
+        return False
+    return not line.strip() or line.startswith(LOG_PREFIX) or OUR_LINES.fullmatch(line.rstrip()) is not None
+
+
+@pytest.mark.slow
+def test_demo_prints_nothing_from_a_library(tmp_path):
+    """Every line `finetune demo` prints, on stdout and stderr, is ours: no library notice, warning or progress bar.
+
+    The demo runs in a fresh process, so import-time output (torchao, transformers' torchvision notice) counts too.
+    Our loggers get a prefix there, so our warnings (prepare's "only 8 images ...") are known without listing them.
+    """
+    script = (
+        "import logging, sys\n"
+        "handler = logging.StreamHandler(sys.stderr)\n"
+        "handler.setLevel(logging.WARNING)\n"  # what Python prints when no handler is set (logging.lastResort)
+        f"handler.setFormatter(logging.Formatter({LOG_PREFIX!r} + '%(message)s'))\n"
+        "logging.getLogger('finetune').addHandler(handler)\n"
+        "logging.getLogger('finetune').propagate = False\n"
+        "from finetune.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    env = {**os.environ, "FINETUNE_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, "demo", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # A bar redraws after \r and a log line can follow it on the same line: split there too.
+    lines = re.split(rf"[\r\n]|(?={LOG_PREFIX})", done.stdout + "\n" + done.stderr)
+    foreign = [line for line in lines if not _ours(line)]
+    assert foreign == [], "\n".join(foreign)
+    assert any(line.startswith("[4/4] ") for line in lines) and any(line.startswith(LOG_PREFIX) for line in lines)
+    assert any(re.search(r"\d+/\d+ \[.*step/s", line) for line in lines), "the training bar is recognised as ours"

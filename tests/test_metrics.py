@@ -108,3 +108,18 @@ def test_a_model_that_cannot_load_is_skipped_with_a_note(tmp_path, tiny_scorer_d
     assert scorers.dino is not None
     assert len(scorers.notes) == 1 and "no-such-clip" in scorers.notes[0] and "CLIP-T" in scorers.notes[0]
     assert scorers.model_name("clip") is None and scorers.model_name("dino") == str(tiny_scorer_dirs[1])
+
+
+def test_saving_and_loading_scorers_draws_no_library_progress_bar(tmp_path, capfd):
+    """save_tiny_scorers and the scorers' loads from disk print nothing (no "Writing model shards" / "Loading
+    weights" bars), and leave transformers' and huggingface_hub's progress settings as they found them."""
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    before = (hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled())
+    clip_dir, dino_dir = metrics.save_tiny_scorers(tmp_path)
+    scorers = metrics.Scorers(clip_dir, dino_dir)
+    assert scorers.clip is not None and scorers.dino is not None, scorers.notes
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+    assert (hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()) == before

@@ -152,3 +152,27 @@ def test_grid_has_a_row_per_prompt_and_seed_and_a_column_per_version(tmp_path):
     expected = np.asarray(Image.open(tmp_path / "images/c1-1-2.png").convert("RGB")).astype(int)
     assert np.abs(pixels[y : y + cell_h, x : x + cell_w] - expected).mean() < 1.0
     assert pixels[:36, 220:].min() < 128  # header labels drawn
+
+
+def test_column_labels_wrap_only_after_a_slash_or_a_colon():
+    ref = "black-forest-labs/flux-dev-lora-shapes:3416d0503283aa91"
+    for width in (8, 12, 20, 30, 45):
+        lines = report.wrap_label(ref, width)
+        assert "".join(lines) == ref, width  # nothing lost, nothing added
+        assert all(line.endswith(("/", ":")) for line in lines[:-1]), (width, lines)
+        # a line is over the width only when it is one piece that cannot be broken
+        assert all(len(line) <= width or line.count("/") + line.count(":") <= 1 for line in lines), (width, lines)
+    assert report.wrap_label(ref, 20) == ["black-forest-labs/", "flux-dev-lora-shapes:", "3416d0503283aa91"]
+    assert report.wrap_label(ref, 100) == [ref]
+    # spaces break too (a column "ref scale 0.5"), and the measure can be pixels
+    assert report.wrap_label("me/tok:3416d0503283 scale 0.5", 14) == ["me/tok:", "3416d0503283", "scale 0.5"]
+    assert report.wrap_label("me/tok:abc", 45, measure=lambda s: 6 * len(s)) == ["me/tok:", "abc"]
+    assert report.wrap_label("", 10) == []
+
+
+def test_grid_widens_columns_for_a_version_id_and_never_breaks_it(tmp_path):
+    doc = _doc(tmp_path)
+    doc["columns"][1]["label"] = "demo/shapes-tiny:3416d0503283"
+    grid = report.render_grid(doc, tmp_path)
+    assert grid.size[0] > 220 + 2 * (64 + 4)  # the 12-character id is wider than a 64 px cell: the columns grow
+    assert grid.size[1] == 36 + 4 * (48 + 4)  # three header lines fit the usual header

@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,19 @@ import torch
 
 from finetune.errors import EXIT_USAGE, FinetuneError
 
-# With torchao installed, importing diffusers' models imports it (diffusers' quantizer registry), and that logs about
-# CUDA kernels a CPU build lacks, torch pytree deprecations and pre-serialized checkpoints: none of it concerns
-# int8 weight-only quantization, and it would greet every run.
-for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+
+def _not_torchvision_fallback(record: logging.LogRecord) -> bool:
+    """False for transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+    `CLIPImageProcessorPil`" notice (transformers ``utils/import_utils.py``, ``_LazyModule.__getattr__``).
+
+    diffusers' FLUX pipeline modules import ``CLIPImageProcessor`` and ``SiglipImageProcessor`` (for IP-Adapter and
+    Redux, which we never use), so building any pipeline prints it; the PIL backend it falls back to is the one we
+    want, and torchvision is no dependency of ours. Every other message of that logger still shows.
+    """
+    return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_fallback)
 
 __all__ = [
     "FLUX_SCHEDULER",
@@ -38,6 +47,7 @@ __all__ = [
     "load_parts",
     "model_index",
     "preset_name",
+    "quiet_progress",
     "render",
     "resolve_device",
     "resolve_dtype",
@@ -194,6 +204,44 @@ def transformer_bf16_gib(base_model: str, known: Mapping[str, float]) -> float:
 
 
 # ---- loading -------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' and diffusers' own progress bars off inside the block, then back as they were.
+
+    Reading or writing local weights draws "Loading weights" / "Writing model shards" / "Loading checkpoint shards"
+    bars (transformers ``utils/logging.py`` and diffusers ``utils/logging.py``, ``disable_progress_bar``) that tell a
+    user nothing they can act on. transformers' switch also turns off huggingface_hub's bars, so call this around
+    cache and folder loads, not downloads. Warnings and our own bars are untouched, and so is everything when
+    ``HF_HUB_DISABLE_PROGRESS_BARS=0`` asks for bars (the hub would warn that it cannot turn them off).
+    """
+    import huggingface_hub.utils as hub
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import constants
+    from transformers.utils import logging as transformers_logging
+
+    if constants.HF_HUB_DISABLE_PROGRESS_BARS is False:
+        yield
+        return
+    before = (
+        transformers_logging.is_progress_bar_enabled(),
+        diffusers_logging.is_progress_bar_enabled(),
+        hub.are_progress_bars_disabled(),
+    )
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before[0]:
+            transformers_logging.enable_progress_bar()
+        if before[1]:
+            diffusers_logging.enable_progress_bar()
+        if before[2] and not hub.are_progress_bars_disabled():  # transformers' switch flips the hub's too
+            hub.disable_progress_bars()
+        elif not before[2] and hub.are_progress_bars_disabled():
+            hub.enable_progress_bars()
 
 
 def _offline() -> bool:
@@ -367,7 +415,8 @@ def load_parts(
             cls = _class(library, name)
             try:
                 try:  # the cache first: no network round trips (and no retries) when the weights are already here
-                    loaded[part] = _load_part(source, part, cls, dtype, True, quantize)
+                    with quiet_progress():  # a local read; a download (below) keeps its progress bars
+                        loaded[part] = _load_part(source, part, cls, dtype, True, quantize)
                 except Exception:
                     if local_only:
                         raise

@@ -29,6 +29,7 @@ from finetune.models.common import (
     check_folder_parts,
     load_parts,
     preset_name,
+    quiet_progress,
     render,
     resolve_dtype,
     transformer_bf16_gib,
@@ -331,7 +332,7 @@ def save_preset(name: str, path: Path, seed: int = 0) -> Path:
     if path.exists() and not (path / "model_index.json").is_file():
         raise FinetuneError(f"{path} exists and is not a saved pipeline; choose an empty or new folder")
     components = build_preset(name, seed)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp, quiet_progress():  # no "Writing model shards" bar per text encoder
         pipeline_from_components(components).save_pretrained(tmp, safe_serialization=True)
         if path.exists():
             shutil.rmtree(path)

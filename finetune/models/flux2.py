@@ -476,7 +476,7 @@ def save_preset(name: str, path: Path, seed: int = 0) -> Path:
     if path.exists() and not (path / "model_index.json").is_file():
         raise FinetuneError(f"{path} exists and is not a saved pipeline; choose an empty or new folder")
     components = build_preset(name, seed)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp, common.quiet_progress():  # no "Writing model shards" bar per text encoder
         pipeline_from_components(components).save_pretrained(tmp, safe_serialization=True)
         if path.exists():
             shutil.rmtree(path)
