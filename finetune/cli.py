@@ -49,16 +49,22 @@ def prepare(
         list[str],
         typer.Argument(help="Folders, zips, image files or datasets save_to_disk folders.", show_default=False),
     ],
-    trigger_word: Annotated[
-        str, typer.Option("--trigger-word", help="Rare token every caption will contain, e.g. TOK.")
-    ],
     output: Annotated[str, typer.Option("-o", "--output", help="The dataset .zip to write.")],
+    trigger_word: Annotated[
+        str | None,
+        typer.Option("--trigger-word", help="Rare token every caption will contain, e.g. TOK (optional for pairs)."),
+    ] = None,
     max_side: Annotated[int, typer.Option("--max-side", help="Downscale so the long side is at most N px.")] = 2048,
     min_side: Annotated[int, typer.Option("--min-side", help="Skip images whose short side is below N px.")] = 256,
     background: Annotated[str, typer.Option("--background", help="Color transparent pixels land on.")] = "white",
     caption_template: Annotated[
-        str, typer.Option("--caption-template", help="Caption for images without one; [trigger] is replaced.")
-    ] = "a photo of [trigger]",
+        str | None,
+        typer.Option(
+            "--caption-template",
+            help="Caption for images without one (default 'a photo of [trigger]'); for pairs, the instruction of "
+            "pairs without one (default: drop them). [trigger] is replaced.",
+        ),
+    ] = None,
     near_dup_distance: Annotated[
         int | None,
         typer.Option("--near-dup-distance", help="Perceptual-hash bits for near duplicates (default 6; -1 disables)."),
@@ -68,8 +74,30 @@ def prepare(
     ] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Decoding processes (default: all cores).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    pairs: Annotated[
+        str,
+        typer.Option(
+            "--pairs",
+            help="Edit pairs: auto (detect), none (single images), start-end (NAME_start/NAME_end + NAME.txt), "
+            "control (--control DIR), columns (--control-column).",
+        ),
+    ] = "auto",
+    control: Annotated[
+        list[str] | None,
+        typer.Option("--control", help="Folder or zip of references with the targets' stems (repeat: ref 2, 3...)."),
+    ] = None,
+    image_column: Annotated[
+        str | None, typer.Option("--image-column", help="Pairs dataset: the target Image column (default image).")
+    ] = None,
+    control_column: Annotated[
+        list[str] | None,
+        typer.Option("--control-column", help="Pairs dataset: a reference Image column (repeat: ref 2, 3...)."),
+    ] = None,
+    caption_column: Annotated[
+        str | None, typer.Option("--caption-column", help="Pairs dataset: the instruction column (default text).")
+    ] = None,
 ) -> None:
-    """Turn photos into a clean, captioned, deterministic dataset zip (plus OUT.report.json)."""
+    """Turn photos (or edit pairs) into a clean, captioned, deterministic dataset zip (plus OUT.report.json)."""
     from finetune.recipes.prepare import DEFAULT_NEAR_DUPLICATE_DISTANCE, format_summary
     from finetune.recipes.prepare import prepare as run_prepare
 
@@ -87,6 +115,11 @@ def prepare(
         autocaption=autocaption,
         workers=workers,
         progress=not no_progress,
+        pairs=pairs,
+        controls=control or [],
+        image_column=image_column,
+        control_columns=control_column or [],
+        caption_column=caption_column,
     )
     typer.echo(format_summary(report))
 

@@ -16,12 +16,17 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "PAIR_INSTRUCTIONS",
     "SWAPPED_RG_DESCRIPTION",
     "asymmetric",
     "bomb_png",
     "build_kitchen_sink",
+    "pair_images",
+    "rotated_jpeg",
     "smooth",
     "swapped_rg_icc",
+    "write_pair_dataset",
+    "write_pair_layouts",
     "write_tiny_blip",
     "zip_bomb",
 ]
@@ -49,6 +54,11 @@ def _jpeg_with_orientation(im: Image.Image, orientation: int) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
     return buf.getvalue()
+
+
+def rotated_jpeg(im: Image.Image, orientation: int = 6) -> bytes:
+    """JPEG bytes of ``im`` stored sideways, with an EXIF Orientation tag that says how to show it upright."""
+    return _jpeg_with_orientation(im, orientation)
 
 
 def bomb_png(side: int = 30000) -> bytes:
@@ -279,4 +289,60 @@ def write_tiny_blip(folder: Path) -> Path:
     processor = BlipProcessor(image_processor=ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
     BlipForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+PAIR_INSTRUCTIONS = ("make it brighter", "turn the sky purple", "add a red border")
+
+
+def pair_images(index: int, references: int = 1) -> tuple[Image.Image, list[Image.Image]]:
+    """The target and references of edit pair ``index``: distinct smooth images, so no two collide as duplicates."""
+    return smooth(500 + index, (360, 300)), [smooth(600 + 10 * index + j, (360, 300)) for j in range(references)]
+
+
+def write_pair_layouts(root: Path, count: int = 3, references: int = 1) -> dict[str, Path | list[Path]]:
+    """The same ``count`` edit pairs (PNG), each with its instruction, in two folder layouts under ``root``.
+
+    ``start-end``: Replicate/fal names ``pair{i}_start.png`` (``pair{i}_start_2.png``, ...), ``pair{i}_end.png``,
+    ``pair{i}.txt``. ``control``: ai-toolkit/musubi ``targets/pair{i}.png`` + ``targets/pair{i}.txt`` and
+    ``control_{j}/pair{i}.png``. Returns {"start-end": folder, "control": targets folder, "controls": [folders]}.
+    """
+    start_end, targets = root / "start_end", root / "targets"
+    controls = [root / f"control_{j + 1}" for j in range(references)]
+    for folder in (start_end, targets, *controls):
+        folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        target, refs = pair_images(i, references)
+        instruction = PAIR_INSTRUCTIONS[i % len(PAIR_INSTRUCTIONS)]
+        target.save(start_end / f"pair{i}_end.png")
+        target.save(targets / f"pair{i}.png")
+        for j, ref in enumerate(refs):
+            ref.save(start_end / f"pair{i}_start{'' if j == 0 else f'_{j + 1}'}.png")
+            ref.save(controls[j] / f"pair{i}.png")
+        (start_end / f"pair{i}.txt").write_text(instruction, encoding="utf-8")
+        (targets / f"pair{i}.txt").write_text(instruction, encoding="utf-8")
+    return {"start-end": start_end, "control": targets, "controls": controls}
+
+
+def write_pair_dataset(folder: Path, count: int = 3, references: int = 1) -> Path:
+    """The pairs of :func:`write_pair_layouts` as a datasets ``save_to_disk`` folder, with columns named as hub edit
+    datasets often name them: ``edited_image`` (target), ``input_image``, ``input_image_2``, ... (references) and
+    ``edit_prompt`` (the instruction)."""
+    import datasets
+
+    columns: dict[str, list] = {"edited_image": [], "edit_prompt": []}
+    ref_columns = ["input_image"] + [f"input_image_{j + 1}" for j in range(1, references)]
+    for name in ref_columns:
+        columns[name] = []
+    for i in range(count):
+        target, refs = pair_images(i, references)
+        columns["edited_image"].append(target)
+        columns["edit_prompt"].append(PAIR_INSTRUCTIONS[i % len(PAIR_INSTRUCTIONS)])
+        for name, ref in zip(ref_columns, refs, strict=True):
+            columns[name].append(ref)
+    features = datasets.Features(
+        {"edited_image": datasets.Image(), "edit_prompt": datasets.Value("string")}
+        | {name: datasets.Image() for name in ref_columns}
+    )
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(folder))
     return folder

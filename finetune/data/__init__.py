@@ -4,8 +4,10 @@ Sources are folders (recursive), zip files (read in place, never extracted) and 
 ``save_to_disk``. :func:`scan_source` lists the images of one source with their captions (sidecar ``.txt`` /
 ``.caption`` files or ``metadata.jsonl`` / ``metadata.csv`` rows) and what it ignored; :func:`process_image` runs in a
 worker process and turns one image into normalized 8-bit sRGB bytes in a work folder; :func:`find_duplicates`,
-:func:`apply_trigger` and :class:`Captioner` finish the job. Facts behind the choices (EXIF, alpha, ICC, junk files,
-zip pitfalls) are in ``reference/eval-and-data.md`` part B.
+:func:`apply_trigger` and :class:`Captioner` finish the job. For edit LoRAs, :func:`scan_pairs` finds each target,
+its references and its instruction in the start-end, control and columns layouts, and :func:`pair_names` names them
+in the pair zip. Facts behind the choices (EXIF, alpha, ICC, junk files, zip pitfalls) are in
+``reference/eval-and-data.md`` part B.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ from finetune.data.images import (
     perceptual_hash,
     process_image,
 )
+from finetune.data.pairs import (
+    INSTRUCTION_COLUMNS,
+    PAIR_LAYOUTS,
+    ScannedPairs,
+    has_start_end_pairs,
+    pair_names,
+    scan_pairs,
+    start_end_role,
+)
 from finetune.data.sources import (
     CAPTION_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -33,20 +44,27 @@ from finetune.data.sources import (
 __all__ = [
     "CAPTION_EXTENSIONS",
     "IMAGE_EXTENSIONS",
+    "INSTRUCTION_COLUMNS",
+    "PAIR_LAYOUTS",
     "Captioner",
     "Ignored",
     "ImageResult",
     "ImageTask",
     "NormalizeOptions",
+    "ScannedPairs",
     "ScannedSource",
     "apply_trigger",
     "clean_caption",
     "common_word_in",
     "find_duplicates",
     "hamming",
+    "has_start_end_pairs",
     "parse_background",
+    "pair_names",
     "perceptual_hash",
     "process_image",
     "read_zip_listing",
+    "scan_pairs",
     "scan_source",
+    "start_end_role",
 ]

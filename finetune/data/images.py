@@ -101,6 +101,8 @@ def _read_task(task: ImageTask) -> tuple[bytes, str]:
 
         _DATASETS[key] = datasets.load_from_disk(task.path).cast_column(task.member, datasets.Image(decode=False))
     cell = _DATASETS[key][task.index][task.member]
+    if not cell or (cell.get("bytes") is None and not cell.get("path")):
+        raise OSError(f"row {task.index} has no image in column {task.member!r}")
     if cell.get("bytes") is not None:
         return cell["bytes"], PurePosixPath(cell.get("path") or "").suffix.lower()
     with open(cell["path"], "rb") as f:

@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from finetune.data.captions import clean_caption
 from finetune.errors import FinetuneError
@@ -26,6 +27,8 @@ __all__ = [
     "Ignored",
     "ImageTask",
     "ScannedSource",
+    "is_hf_dataset",
+    "load_hf_splits",
     "read_zip_listing",
     "scan_source",
 ]
@@ -82,8 +85,11 @@ class ScannedSource:
     warnings: list[str] = field(default_factory=list)
 
 
-def scan_source(src: str | Path) -> ScannedSource:
+def scan_source(src: str | Path, *, caption_stem: Callable[[str], str | None] | None = None) -> ScannedSource:
     """List the images, captions and ignored files of one source: a folder, an image, a zip or a datasets folder.
+
+    ``caption_stem`` maps an image's lowercase relative path without extension to one more caption stem to try after
+    the image's own, or to None (edit pairs: ``x_end`` -> ``x``, whose ``x.txt`` holds the instruction).
 
     Raises:
         FinetuneError: the source does not exist, a zip is hostile, or a caption file is not UTF-8 (exit code 2).
@@ -95,7 +101,7 @@ def scan_source(src: str | Path) -> ScannedSource:
         )
     name = path.resolve().name
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        if is_hf_dataset(path):
             return _scan_hf_dataset(path, name)
         files: list[str] = []
         for root, dirs, names in os.walk(path):
@@ -103,7 +109,11 @@ def scan_source(src: str | Path) -> ScannedSource:
             dirs.sort()
             files += [(rel_root / n).as_posix() for n in sorted(names)]
         return _scan_tree(
-            files, lambda rel: _read_limited(path / rel), name, lambda rel: ImageTask("", "file", str(path / rel))
+            files,
+            lambda rel: _read_limited(path / rel),
+            name,
+            lambda rel: ImageTask("", "file", str(path / rel)),
+            caption_stem,
         )
     if zipfile.is_zipfile(path):
         members, ignored = read_zip_listing(path)
@@ -113,6 +123,7 @@ def scan_source(src: str | Path) -> ScannedSource:
                 lambda rel: _read_member(zf, rel),
                 name,
                 lambda rel: ImageTask("", "zip", str(path), member=rel),
+                caption_stem,
             )
         scanned.ignored += [Ignored(f"{name}/{m}", r) for m, r in ignored]
         return scanned
@@ -164,7 +175,11 @@ def _junk_reason(rel: str) -> str | None:
 
 
 def _scan_tree(
-    files: Sequence[str], read: Callable[[str], bytes], name: str, make_task: Callable[[str], ImageTask]
+    files: Sequence[str],
+    read: Callable[[str], bytes],
+    name: str,
+    make_task: Callable[[str], ImageTask],
+    caption_stem: Callable[[str], str | None] | None = None,
 ) -> ScannedSource:
     """Pair images with captions in one folder-like listing of relative POSIX paths."""
     out = ScannedSource()
@@ -200,7 +215,11 @@ def _scan_tree(
         stem_key = str(p.with_suffix(""))
         stems.setdefault(stem_key, []).append(rel)
         caption = None
-        for candidate in (f"{p}.txt", f"{p}.caption", f"{stem_key}.txt", f"{stem_key}.caption"):
+        candidates = [f"{p}.txt", f"{p}.caption", f"{stem_key}.txt", f"{stem_key}.caption"]
+        extra = caption_stem(stem_key) if caption_stem is not None else None
+        if extra:
+            candidates += [f"{extra}.txt", f"{extra}.caption"]
+        for candidate in candidates:
             if candidate in captions:
                 used_captions.add(candidate)
                 text = clean_caption(_decode_caption(read(captions[candidate]), f"{name}/{captions[candidate]}"))
@@ -308,17 +327,28 @@ def read_zip_listing(path: str | Path) -> tuple[list[str], list[tuple[str, str]]
     return sorted(members), ignored
 
 
-def _scan_hf_dataset(path: Path, name: str) -> ScannedSource:
-    """Rows of a ``save_to_disk`` Dataset or DatasetDict with an Image column (and optionally a text column)."""
+def is_hf_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by datasets' ``save_to_disk``."""
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def load_hf_splits(path: Path) -> list[tuple[str, Any]]:
+    """The ``(split name, Dataset)`` pairs of a ``save_to_disk`` folder; a lone Dataset is the split ``""``."""
     import datasets
 
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises many types for a damaged folder
         raise FinetuneError(f"datasets folder {path} cannot be loaded ({e}); re-save it with save_to_disk") from None
-    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+    return list(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+
+
+def _scan_hf_dataset(path: Path, name: str) -> ScannedSource:
+    """Rows of a ``save_to_disk`` Dataset or DatasetDict with an Image column (and optionally a text column)."""
+    import datasets
+
     out = ScannedSource()
-    for split, ds in splits:
+    for split, ds in load_hf_splits(path):
         image_cols = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
         if not image_cols:
             raise FinetuneError(f"datasets folder {path} {split} has no Image column (columns: {list(ds.features)})")

@@ -1,13 +1,16 @@
-"""`finetune prepare`: images -> a clean, captioned, deterministic dataset zip, top to bottom.
+"""`finetune prepare`: images (or edit pairs) -> a clean, captioned, deterministic dataset zip, top to bottom.
 
-scan sources -> (load the autocaption model, so a bad name fails before any work) -> decode and normalize every image
-in a process pool (verify, EXIF-transpose, ICC -> sRGB, alpha onto a background, 8-bit RGB, downscale; workers write
-the encoded image to a work folder and return only facts, so memory stays flat in the number of images) -> remove
-exact and near duplicates -> captions with the trigger word -> write the zip (sorted entries, fixed timestamps,
-content-derived names) to a temporary file and rename it into place -> ``OUT.report.json``.
+scan sources (single images, or pairs: a target, its references and an instruction) -> (load the autocaption model,
+so a bad name fails before any work) -> decode and normalize every image in a process pool (verify, EXIT-transpose,
+ICC -> sRGB, alpha onto a background, 8-bit RGB, downscale; workers write the encoded image to a work folder and
+return only facts, so memory stays flat in the number of images) -> drop pairs with an unusable side -> remove exact
+and near duplicates (of the targets) -> captions with the trigger word -> write the zip (sorted entries, fixed
+timestamps, content-derived names) to a temporary file and rename it into place -> ``OUT.report.json``.
 
-The zip contract (DESIGN.md): flat ``<stem>.jpg|png`` + ``<stem>.txt`` + ``metadata.jsonl`` rows
-``{file_name, text, width, height, sha256, source}``; the same inputs and options give byte-identical bytes.
+The zip contracts (DESIGN.md): flat ``<stem>.jpg|png`` + ``<stem>.txt`` + ``metadata.jsonl`` rows
+``{file_name, text, width, height, sha256, source}``; for pairs ``<stem>_start.<ext>`` (``_start_2``, ...) +
+``<stem>_end.<ext>`` + ``<stem>.txt`` + rows that add ``references: [{file_name, width, height, sha256, source}]``.
+The same inputs and options give byte-identical bytes.
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ log = logging.getLogger(__name__)
 # Resaved, resized or recompressed copies land at 0-4 bits; distinct photos of one subject rarely below 10
 # (imagededup's default threshold is 10). 6 removes copies and bursts without merging different shots.
 DEFAULT_NEAR_DUPLICATE_DISTANCE = 6
+DEFAULT_CAPTION_TEMPLATE = "a photo of [trigger]"  # single images only: a pair without an instruction is dropped
 REPLICATE_UPLOAD_LIMIT = 100 * 2**20  # bytes; Replicate's Files API limit for one upload
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest DOS timestamp: no clock in the bytes
 RECOMMENDED_SHORT_SIDE = 1024  # FLUX LoRAs train at 1024 px
 RECOMMENDED_MIN_IMAGES = 10  # Replicate's trainer: "minimum of 10 images recommended"
 SIZE_BINS = (256, 512, 768, 1024, 1536, 2048)  # short-side histogram edges, pixels
+METADATA_KEYS = ("file_name", "text", "width", "height", "sha256", "source")
+NAMES_SHOWN = 20  # per list in the printed summary; the report has them all
 
 
 @dataclass
@@ -52,8 +58,10 @@ class PrepareReport:
     """What :func:`prepare` did; also written as ``OUT.report.json``.
 
     ``kept`` rows: file_name, text, caption_source (sidecar | metadata | autocaption | template), width, height,
-    orig_width, orig_height, sha256, source, flags. ``skipped``/``ignored`` rows: source, reason. ``duplicates`` rows:
-    source, kept (the source that was kept instead), kind (exact | near), distance (bits).
+    orig_width, orig_height, sha256, source, flags; for pairs these describe the target and ``references`` lists the
+    same facts (less text and caption_source) per reference. ``skipped``/``ignored``/``unpaired`` rows: source,
+    reason; a pair's ``skipped`` rows add ``pair`` (its target). ``duplicates`` rows: source, kept (the source that was
+    kept instead), kind (exact | near), distance (bits). ``layout``: ``none`` for single images, else the pair layout.
     """
 
     zip_path: Path
@@ -69,6 +77,8 @@ class PrepareReport:
     warnings: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     zip_bytes: int = 0
+    layout: str = "none"
+    unpaired: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""
@@ -77,48 +87,80 @@ class PrepareReport:
         return d
 
 
+@dataclass
+class _Scan:
+    """What the sources hold: examples (a target, then its references; none for single images) and their captions."""
+
+    layout: str
+    examples: list[tuple[data.ImageTask, ...]]
+    captions: dict[str, tuple[str, str]]
+    ignored: list[data.Ignored]
+    unpaired: list[data.Ignored]
+    warnings: list[str]
+
+
 def prepare(
     sources: Sequence[str | Path],
     out: str | Path,
-    trigger_word: str,
+    trigger_word: str | None = None,
     *,
     max_side: int = 2048,
     min_side: int = 256,
     background: str = "white",
-    caption_template: str = "a photo of [trigger]",
+    caption_template: str | None = None,
     near_duplicate_distance: int | None = DEFAULT_NEAR_DUPLICATE_DISTANCE,
     autocaption: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    pairs: str = "auto",
+    controls: Sequence[str | Path] = (),
+    image_column: str | None = None,
+    control_columns: Sequence[str] = (),
+    caption_column: str | None = None,
 ) -> PrepareReport:
-    """Turn folders, zips and datasets folders of images into one captioned dataset zip at ``out``.
+    """Turn folders, zips and datasets folders of images, or of edit pairs, into one captioned dataset zip at ``out``.
 
     Args:
         sources: folders (recursive), zip files, image files, or folders written by datasets' ``save_to_disk``.
         out: the ``.zip`` to write; ``<out stem>.report.json`` is written next to it.
-        trigger_word: the token every caption will contain exactly once (e.g. ``TOK``).
+        trigger_word: the token every caption will contain exactly once (e.g. ``TOK``); required for single images,
+            optional for pairs (their captions are instructions).
         max_side: long side cap in pixels; larger images are downscaled (never upscaled).
-        min_side: images whose short side is below this are skipped.
+        min_side: images whose short side is below this are skipped (a pair with such a side is dropped).
         background: color that transparent pixels are composited onto.
-        caption_template: caption for images with no sidecar/metadata caption; ``[trigger]`` is replaced.
-        near_duplicate_distance: perceptual-hash Hamming distance (bits of 64) at or under which two images are
-            near duplicates; None disables near-duplicate removal (exact duplicates are always removed).
-        autocaption: a transformers image-to-text model (folder or hub id) that fills missing captions.
+        caption_template: caption for images with no sidecar/metadata caption (default ``a photo of [trigger]``);
+            for pairs, the instruction of pairs that have none (default: such pairs are dropped and reported).
+            ``[trigger]`` is replaced.
+        near_duplicate_distance: perceptual-hash Hamming distance (bits of 64) at or under which two images (for
+            pairs: two targets) are near duplicates; None disables near-duplicate removal (exact duplicates are
+            always removed).
+        autocaption: a transformers image-to-text model (folder or hub id) that fills missing captions; single
+            images only (it describes an image, it does not write edit instructions).
         workers: processes to decode with; default all cores available to this process.
         progress: show a progress bar with images/s on stderr for runs longer than a second.
+        pairs: ``auto`` (pairs when ``controls`` or ``control_columns`` are given or a folder or zip holds a
+            ``NAME_start`` + ``NAME_end`` pair, else single images), ``none`` (single images), ``start-end``,
+            ``control`` or ``columns``; the layouts are described in :mod:`finetune.data.pairs`.
+        controls: the ``control`` layout's reference folders or zips, reference 1 first; ``sources`` is then the one
+            folder or zip of targets, matched by stem.
+        image_column: the ``columns`` layout's target column (default ``image``, or the one Image column left).
+        control_columns: the ``columns`` layout's reference columns, reference 1 first.
+        caption_column: the ``columns`` layout's instruction column (default the first of
+            ``data.INSTRUCTION_COLUMNS`` present).
 
     Returns:
         The report; the zip is at ``report.zip_path`` and its sha256 is ``report.digest``.
 
     Raises:
-        FinetuneError: bad options or sources (exit code 2), or no usable image left (exit code 1).
+        FinetuneError: bad options or sources, or single images mixed with pairs (exit code 2), or no usable image
+            or pair left (exit code 1).
     """
     out = Path(out)
     trigger = trigger_word.strip() if isinstance(trigger_word, str) else ""
-    if not trigger or "\n" in trigger:
+    if trigger_word is not None and (not trigger or "\n" in trigger):
         raise FinetuneError("--trigger-word must be a non-empty single line, e.g. TOK", EXIT_USAGE)
     if out.suffix.lower() != ".zip":
-        raise FinetuneError(f"output {str(out)!r} must end with .zip, e.g. -o data/{trigger}.zip", EXIT_USAGE)
+        raise FinetuneError(f"output {str(out)!r} must end with .zip, e.g. -o data/{trigger or 'set'}.zip", EXIT_USAGE)
     if not sources:
         raise FinetuneError("no source given; pass one or more folders, zips or datasets folders", EXIT_USAGE)
     if max_side < 1 or min_side < 1 or min_side > max_side:
@@ -131,6 +173,25 @@ def prepare(
             EXIT_USAGE,
         )
     rgb = data.parse_background(background)
+    layout = _requested_layout(pairs, controls, image_column, control_columns, caption_column)
+
+    # Scan: cheap, in this process; nothing is decoded yet. A zip holds single images or pairs, never both.
+    scan = _scan(sources, layout, controls, image_column, control_columns, caption_column)
+    is_pairs = scan.layout != "none"
+    if not is_pairs and not trigger:
+        raise FinetuneError(
+            "--trigger-word is required for single images, e.g. --trigger-word TOK (edit pairs may go without)",
+            EXIT_USAGE,
+        )
+    if is_pairs and autocaption:
+        raise FinetuneError(
+            "--autocaption writes descriptions, not edit instructions; give the pairs NAME.txt files, a caption "
+            "column or --caption-template",
+            EXIT_USAGE,
+        )
+    if not is_pairs and caption_template is None:
+        caption_template = DEFAULT_CAPTION_TEMPLATE
+    _check_trigger_placeholders(scan.captions, caption_template, trigger)
     options = {
         "max_side": max_side,
         "min_side": min_side,
@@ -139,8 +200,141 @@ def prepare(
         "near_duplicate_distance": near_duplicate_distance,
         "autocaption": autocaption,
     }
+    if is_pairs:
+        options |= {
+            "pairs": scan.layout,
+            "controls": [str(c) for c in controls],
+            "image_column": image_column,
+            "control_columns": list(control_columns),
+            "caption_column": caption_column,
+        }
+    # A pair without an instruction teaches nothing: drop it by name, unless --caption-template gives it one.
+    skipped = _drop_uninstructed(scan) if is_pairs and caption_template is None else []
+    captioner = None
+    if autocaption and any(ex[0].source not in scan.captions for ex in scan.examples):
+        captioner = data.Captioner(autocaption)
 
-    # Scan: cheap, in this process; nothing is decoded yet.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.work-"))
+    warnings = scan.warnings
+    try:
+        opts = data.NormalizeOptions(max_side=max_side, min_side=min_side, background=rgb, workdir=str(workdir))
+        results = _process_all([task for ex in scan.examples for task in ex], opts, workers, progress)
+        # A pair stays a pair: an unusable side drops it (with that side's reason).
+        ok, failed = _join_sides(scan.examples, results)
+        skipped = sorted(skipped + failed, key=lambda s: s["source"]) if is_pairs else failed
+        # Duplicates are judged on the target; a reference may rightly serve several pairs.
+        targets = [sides[0] for sides in ok]
+        dups = data.find_duplicates(
+            [(r.source, r.stem, r.phash, r.orig_width * r.orig_height) for r in targets], near_duplicate_distance
+        )
+        duplicates = [
+            {"source": targets[i].source, "kept": targets[k].source, "kind": kind, "distance": dist}
+            for i, (k, kind, dist) in sorted(dups.items(), key=lambda kv: targets[kv[0]].source)
+        ]
+        kept = sorted((sides for i, sides in enumerate(ok) if i not in dups), key=lambda sides: sides[0].file_name)
+        if not kept:
+            reasons = Counter(s["reason"].split(":")[0] for s in skipped).most_common(3)
+            raise FinetuneError(
+                f"no usable {'pair' if is_pairs else 'image'} left: {len(skipped)} skipped "
+                f"({'; '.join(f'{n}x {r}' for r, n in reasons)}), {len(duplicates)} duplicates, "
+                + (f"{len(scan.unpaired)} unpaired, " if is_pairs else "")
+                + f"{len(scan.ignored)} files ignored; nothing written to {out}",
+                EXIT_FAILURE,
+            )
+        if is_pairs:
+            rows, files = _pair_rows(kept, scan.captions, trigger, caption_template, workdir)
+        else:
+            targets = [sides[0] for sides in kept]
+            rows = _caption_rows(targets, scan.captions, trigger, caption_template, captioner, workdir, warnings)
+            files = _image_files(rows, workdir)
+        zip_bytes = _write_zip_atomic(out, [_metadata_row(r) for r in rows], files)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    digest = sha256_file(out)
+    short_sides = [min(r["orig_width"], r["orig_height"]) for r in rows]
+    warnings += _warnings(trigger, rows, short_sides, zip_bytes, max_side, "pairs" if is_pairs else "images")
+    report = PrepareReport(
+        zip_path=out,
+        report_path=out.with_suffix(".report.json"),
+        digest=digest,
+        trigger_word=trigger,
+        kept=rows,
+        skipped=skipped,
+        ignored=[{"source": i.source, "reason": i.reason} for i in sorted(scan.ignored, key=lambda i: i.source)],
+        duplicates=duplicates,
+        caption_sources=dict(sorted(Counter(r["caption_source"] for r in rows).items())),
+        size_histogram=_histogram(short_sides),
+        warnings=warnings,
+        options=options,
+        zip_bytes=zip_bytes,
+        layout=scan.layout,
+        unpaired=[{"source": u.source, "reason": u.reason} for u in sorted(scan.unpaired, key=lambda u: u.source)],
+    )
+    write_atomic(report.report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n")
+    for w in warnings:
+        log.warning(w)
+    return report
+
+
+def _requested_layout(
+    pairs: str,
+    controls: Sequence[str | Path],
+    image_column: str | None,
+    control_columns: Sequence[str],
+    caption_column: str | None,
+) -> str:
+    """The layout the options ask for; ``auto`` is left for the files to decide (NAME_start/NAME_end names)."""
+    if pairs not in data.PAIR_LAYOUTS:
+        raise FinetuneError(f"--pairs {pairs!r}: use one of {', '.join(data.PAIR_LAYOUTS)}", EXIT_USAGE)
+    if controls and control_columns:
+        raise FinetuneError(
+            "--control (folders of references) and --control-column (a datasets column) are two layouts; give one",
+            EXIT_USAGE,
+        )
+    if (image_column or caption_column) and not control_columns:
+        raise FinetuneError(
+            "--image-column and --caption-column name the columns of a dataset of pairs; add --control-column "
+            "REFERENCE_COLUMN",
+            EXIT_USAGE,
+        )
+    given = "control" if controls else "columns" if control_columns else None
+    if pairs == "auto":
+        return given or "auto"
+    if pairs in ("control", "columns") and given != pairs:
+        flag = "--control DIR" if pairs == "control" else "--control-column COLUMN"
+        raise FinetuneError(f"--pairs {pairs} needs {flag} (one per reference)", EXIT_USAGE)
+    if given is not None and pairs != given:
+        raise FinetuneError(f"--pairs {pairs} takes no {'--control' if controls else '--control-column'}", EXIT_USAGE)
+    return pairs
+
+
+def _scan(
+    sources: Sequence[str | Path],
+    layout: str,
+    controls: Sequence[str | Path],
+    image_column: str | None,
+    control_columns: Sequence[str],
+    caption_column: str | None,
+) -> _Scan:
+    """Single images, or the pairs of one layout; ``auto`` means pairs once a NAME_start + NAME_end pair is seen."""
+    if layout in ("auto", "none"):
+        scan = _scan_images(sources)
+        if layout == "none" or not data.has_start_end_pairs([example[0].source for example in scan.examples]):
+            if not scan.examples:
+                raise FinetuneError(
+                    f"no image files found in {', '.join(map(str, sources))} ({len(scan.ignored)} other files "
+                    f"ignored); supported extensions: {' '.join(sorted(data.IMAGE_EXTENSIONS))}",
+                    EXIT_FAILURE,
+                )
+            return scan
+        layout = "start-end"  # scanned again below, where NAME.txt is the instruction of NAME_end
+    return _scan_pairs(sources, layout, controls, image_column, control_columns, caption_column)
+
+
+def _scan_images(sources: Sequence[str | Path]) -> _Scan:
+    """Single images of every source, sorted by source label; each is an example without references."""
     tasks, captions, ignored, warnings = [], {}, [], []
     for src in sources:
         scanned = data.scan_source(src)
@@ -149,65 +343,76 @@ def prepare(
         ignored += scanned.ignored
         warnings += scanned.warnings
     tasks.sort(key=lambda t: t.source)
-    if not tasks:
+    return _Scan("none", [(t,) for t in tasks], captions, ignored, [], warnings)
+
+
+def _scan_pairs(
+    sources: Sequence[str | Path],
+    layout: str,
+    controls: Sequence[str | Path],
+    image_column: str | None,
+    control_columns: Sequence[str],
+    caption_column: str | None,
+) -> _Scan:
+    """The pairs of every source, sorted by target; refuses single images among them (a zip holds one kind)."""
+    found = data.scan_pairs(
+        sources,
+        layout,
+        controls=controls,
+        image_column=image_column,
+        control_columns=control_columns,
+        caption_column=caption_column,
+    )
+    if found.singles:
+        shown = ", ".join(found.singles[:NAMES_SHOWN]) + (" ..." if len(found.singles) > NAMES_SHOWN else "")
+        lead = (
+            f"a zip holds single images or edit pairs, never both: {len(found.pairs)} NAME_start/NAME_end pairs "
+            f"and {len(found.singles)} single images"
+            if found.pairs
+            else f"--pairs {layout} found no NAME_start/NAME_end pair, only {len(found.singles)} single images"
+        )
         raise FinetuneError(
-            f"no image files found in {', '.join(map(str, sources))} ({len(ignored)} other files ignored); "
-            f"supported extensions: {' '.join(sorted(data.IMAGE_EXTENSIONS))}",
+            f"{lead} ({shown}). Move the single images out (or name them NAME_start/NAME_end), or pass "
+            "--pairs none to prepare every image as a single image; nothing written",
+            EXIT_USAGE,
+        )
+    if not found.pairs:
+        raise FinetuneError(
+            f"no complete pair in {', '.join(map(str, sources))}: {len(found.unpaired)} images without their other "
+            f"side ({', '.join(u.source for u in found.unpaired[:5])}), {len(found.ignored)} files ignored",
             EXIT_FAILURE,
         )
-    captioner = None
-    if autocaption and any(t.source not in captions for t in tasks):
-        captioner = data.Captioner(autocaption)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.work-"))
-    try:
-        opts = data.NormalizeOptions(max_side=max_side, min_side=min_side, background=rgb, workdir=str(workdir))
-        results = _process_all(tasks, opts, workers, progress)
-        ok = [r for r in results if not r.reason]
-        skipped = [{"source": r.source, "reason": r.reason} for r in results if r.reason]
-        dups = data.find_duplicates(
-            [(r.source, r.stem, r.phash, r.orig_width * r.orig_height) for r in ok], near_duplicate_distance
+    if found.unpaired:
+        found.warnings.append(
+            f"{len(found.unpaired)} images could not be paired and were left out: "
+            + ", ".join(u.source for u in found.unpaired[:NAMES_SHOWN])
+            + (" ..." if len(found.unpaired) > NAMES_SHOWN else "")
         )
-        duplicates = [
-            {"source": ok[i].source, "kept": ok[k].source, "kind": kind, "distance": dist}
-            for i, (k, kind, dist) in sorted(dups.items(), key=lambda kv: ok[kv[0]].source)
-        ]
-        kept = sorted((r for i, r in enumerate(ok) if i not in dups), key=lambda r: r.file_name)
-        if not kept:
-            reasons = Counter(s["reason"].split(":")[0] for s in skipped).most_common(3)
-            raise FinetuneError(
-                f"no usable image left: {len(skipped)} skipped ({'; '.join(f'{n}x {r}' for r, n in reasons)}), "
-                f"{len(duplicates)} duplicates, {len(ignored)} files ignored; nothing written to {out}",
-                EXIT_FAILURE,
-            )
-        rows = _caption_rows(kept, captions, trigger, caption_template, captioner, workdir, warnings)
-        zip_bytes = _write_zip_atomic(out, rows, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    examples = sorted(found.pairs, key=lambda pair: pair[0].source)
+    return _Scan(layout, examples, found.captions, found.ignored, found.unpaired, found.warnings)
 
-    digest = sha256_file(out)
-    short_sides = [min(r["orig_width"], r["orig_height"]) for r in rows]
-    warnings += _warnings(trigger, rows, short_sides, zip_bytes, max_side)
-    report = PrepareReport(
-        zip_path=out,
-        report_path=out.with_suffix(".report.json"),
-        digest=digest,
-        trigger_word=trigger,
-        kept=rows,
-        skipped=skipped,
-        ignored=[{"source": i.source, "reason": i.reason} for i in sorted(ignored, key=lambda i: i.source)],
-        duplicates=duplicates,
-        caption_sources=dict(sorted(Counter(r["caption_source"] for r in rows).items())),
-        size_histogram=_histogram(short_sides),
-        warnings=warnings,
-        options=options,
-        zip_bytes=zip_bytes,
-    )
-    write_atomic(report.report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n")
-    for w in warnings:
-        log.warning(w)
-    return report
+
+def _drop_uninstructed(scan: _Scan) -> list[dict[str, str]]:
+    """Take the pairs without an instruction out of ``scan``; their skipped rows name them."""
+    reason = "no instruction (no NAME.txt, caption or --caption-template)"
+    dropped = [ex[0].source for ex in scan.examples if ex[0].source not in scan.captions]
+    scan.examples = [ex for ex in scan.examples if ex[0].source in scan.captions]
+    return [{"source": source, "reason": reason, "pair": source} for source in dropped]
+
+
+def _check_trigger_placeholders(captions: dict[str, tuple[str, str]], template: str | None, trigger: str) -> None:
+    """Without a trigger word, a ``[trigger]`` in an instruction would train literally: refuse it before any work."""
+    if trigger:
+        return
+    holders = [s for s, (text, _) in sorted(captions.items()) if "[trigger]" in text or "{trigger}" in text]
+    if template is not None and ("[trigger]" in template or "{trigger}" in template):
+        holders.insert(0, "--caption-template")
+    if holders:
+        raise FinetuneError(
+            f"{', '.join(holders[:5])}{' ...' if len(holders) > 5 else ''} use [trigger], but no --trigger-word "
+            "was given; pass one (e.g. --trigger-word TOK) or remove the placeholder",
+            EXIT_USAGE,
+        )
 
 
 def _process_all(
@@ -244,6 +449,33 @@ def _process_all(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results
+
+
+def _join_sides(
+    examples: list[tuple[data.ImageTask, ...]], results: list[data.ImageResult]
+) -> tuple[list[tuple[data.ImageResult, ...]], list[dict[str, str]]]:
+    """Results (in task order) back into examples; an example with an unusable side is left out, with a skipped row
+    per unusable side (a pair's rows name the side and add ``pair``, the target's source)."""
+    ok, skipped, at = [], [], 0
+    for example in examples:
+        sides = tuple(results[at : at + len(example)])
+        at += len(example)
+        bad = [(i, r) for i, r in enumerate(sides) if r.reason]
+        if not bad:
+            ok.append(sides)
+        elif len(sides) == 1:
+            skipped.append({"source": sides[0].source, "reason": sides[0].reason})
+        else:
+            skipped += [
+                {"source": r.source, "reason": f"{_side_name(i, len(sides))}: {r.reason}", "pair": sides[0].source}
+                for i, r in bad
+            ]
+    return ok, skipped
+
+
+def _side_name(index: int, count: int) -> str:
+    """'target', 'reference' (the only one) or 'reference N'."""
+    return "target" if index == 0 else "reference" if count == 2 else f"reference {index}"
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -309,6 +541,77 @@ def _caption_rows(
     return rows
 
 
+def _pair_rows(
+    kept: list[tuple[data.ImageResult, ...]],
+    captions: dict[str, tuple[str, str]],
+    trigger: str,
+    template: str | None,
+    workdir: Path,
+) -> tuple[list[dict[str, Any]], dict[str, bytes | Path]]:
+    """Report rows (the target's facts plus ``references``) and zip entries of the pairs, named by their content.
+
+    The instruction is the pair's caption, else ``template``; the trigger word, when given, goes in once.
+    """
+    rows, files = [], {}
+    for target, *references in kept:
+        end_name, start_names, txt_name = data.pair_names(target, references)
+        if target.source in captions:
+            text, origin = captions[target.source]
+            kind = "metadata" if origin == "metadata" else "sidecar"
+        else:
+            text, kind = template or "", "template"
+        text = data.apply_trigger(text, trigger) if trigger else data.clean_caption(text)
+        rows.append(
+            {
+                "file_name": end_name,
+                "text": text,
+                "width": target.width,
+                "height": target.height,
+                "sha256": target.sha256,
+                "source": target.source,
+                "caption_source": kind,
+                "orig_width": target.orig_width,
+                "orig_height": target.orig_height,
+                "flags": list(target.flags),
+                "references": [
+                    {
+                        "file_name": name,
+                        "width": r.width,
+                        "height": r.height,
+                        "sha256": r.sha256,
+                        "source": r.source,
+                        "orig_width": r.orig_width,
+                        "orig_height": r.orig_height,
+                        "flags": list(r.flags),
+                    }
+                    for name, r in zip(start_names, references, strict=True)
+                ],
+            }
+        )
+        files[end_name] = workdir / target.file_name
+        files.update({name: workdir / r.file_name for name, r in zip(start_names, references, strict=True)})
+        files[txt_name] = text.encode()
+    rows.sort(key=lambda r: r["file_name"])
+    return rows, files
+
+
+def _image_files(rows: list[dict[str, Any]], workdir: Path) -> dict[str, bytes | Path]:
+    """Zip entries of single images: each image (from the work folder) and its ``<stem>.txt`` caption."""
+    files: dict[str, bytes | Path] = {}
+    for r in rows:
+        files[r["file_name"]] = workdir / r["file_name"]
+        files[r["file_name"].rsplit(".", 1)[0] + ".txt"] = r["text"].encode()
+    return files
+
+
+def _metadata_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The ``metadata.jsonl`` row of a report row: the contract's keys, and for pairs each reference's."""
+    meta = {k: row[k] for k in METADATA_KEYS}
+    if "references" in row:
+        meta["references"] = [{k: ref[k] for k in METADATA_KEYS if k != "text"} for ref in row["references"]]
+    return meta
+
+
 def _zip_info(name: str) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, date_time=FIXED_ZIP_TIME)
     info.compress_type = zipfile.ZIP_STORED  # images are compressed already; STORED bytes don't depend on zlib
@@ -317,14 +620,11 @@ def _zip_info(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def _write_zip_atomic(out: Path, rows: list[dict[str, Any]], workdir: Path) -> int:
-    """Stream the zip contract to a temporary file next to ``out``, then rename; returns the size in bytes."""
-    metadata_keys = ("file_name", "text", "width", "height", "sha256", "source")
-    metadata = "".join(json.dumps({k: r[k] for k in metadata_keys}, ensure_ascii=False) + "\n" for r in rows)
-    entries: dict[str, bytes | Path] = {"metadata.jsonl": metadata.encode()}
-    for r in rows:
-        entries[r["file_name"]] = workdir / r["file_name"]
-        entries[r["file_name"].rsplit(".", 1)[0] + ".txt"] = r["text"].encode()
+def _write_zip_atomic(out: Path, metadata: list[dict[str, Any]], files: dict[str, bytes | Path]) -> int:
+    """Stream ``metadata.jsonl`` and ``files`` (zip name -> bytes, or a file in the work folder), sorted by name, to a
+    temporary file next to ``out``, then rename; returns the size in bytes."""
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in metadata)
+    entries: dict[str, bytes | Path] = {"metadata.jsonl": lines.encode(), **files}
     with atomic_file(out) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
         for name in sorted(entries):
             payload = entries[name]
@@ -345,7 +645,9 @@ def _histogram(short_sides: list[int]) -> dict[str, int]:
     return counts
 
 
-def _warnings(trigger: str, rows: list[dict], short_sides: list[int], zip_bytes: int, max_side: int) -> list[str]:
+def _warnings(
+    trigger: str, rows: list[dict], short_sides: list[int], zip_bytes: int, max_side: int, noun: str = "images"
+) -> list[str]:
     found = []
     word = data.common_word_in(trigger)
     if word:
@@ -356,34 +658,50 @@ def _warnings(trigger: str, rows: list[dict], short_sides: list[int], zip_bytes:
     small = sum(s < RECOMMENDED_SHORT_SIDE for s in short_sides)
     if small:
         found.append(
-            f"{small} of {len(rows)} images have a short side below {RECOMMENDED_SHORT_SIDE} px; "
+            f"{small} of {len(rows)} {noun} have a short side below {RECOMMENDED_SHORT_SIDE} px; "
             f"FLUX trains at {RECOMMENDED_SHORT_SIDE} px, so they will train at lower resolution"
         )
     if len(rows) < RECOMMENDED_MIN_IMAGES:
-        found.append(f"only {len(rows)} images; at least {RECOMMENDED_MIN_IMAGES} are recommended for a LoRA")
+        found.append(f"only {len(rows)} {noun}; at least {RECOMMENDED_MIN_IMAGES} are recommended for a LoRA")
     if zip_bytes > REPLICATE_UPLOAD_LIMIT:
         smaller = 1024 if max_side > 1024 else max(256, max_side // 2)
         found.append(
             f"the zip is {zip_bytes / 2**20:.1f} MiB, over Replicate's 100 MiB Files API limit; "
-            f"shrink it with --max-side {smaller} (or use fewer images)"
+            f"shrink it with --max-side {smaller} (or use fewer {noun})"
         )
     return found
 
 
 def format_summary(report: PrepareReport) -> str:
-    """A plain-text summary table: kept, skipped by reason, duplicates, caption sources, size histogram."""
-    lines = [f"{'kept':<28}{len(report.kept):>6}"]
+    """A plain-text summary table: kept, skipped by reason, duplicates, caption sources, size histogram; for pairs
+    also every dropped pair and unpaired image by name."""
+    pairs = report.layout != "none"
+    lines = [f"{'pairs kept' if pairs else 'kept':<28}{len(report.kept):>6}"]
     reasons = Counter(s["reason"] for s in report.skipped)
-    lines.append(f"{'skipped':<28}{len(report.skipped):>6}")
+    dropped = len({s["pair"] for s in report.skipped}) if pairs else len(report.skipped)
+    lines.append(f"{'pairs dropped' if pairs else 'skipped':<28}{dropped:>6}")
     lines += [f"  {reason[:60]:<60}{n:>6}" for reason, n in sorted(reasons.items())]
+    if pairs:
+        lines += _names(report.skipped)
     kinds = Counter(d["kind"] for d in report.duplicates)
     lines.append(f"{'duplicates removed':<28}{len(report.duplicates):>6}")
     lines += [f"  {kind:<26}{n:>6}" for kind, n in sorted(kinds.items())]
+    if pairs:
+        lines.append(f"{'unpaired images':<28}{len(report.unpaired):>6}")
+        lines += _names(report.unpaired)
     lines.append(f"{'files ignored':<28}{len(report.ignored):>6}")
-    lines.append("captions")
+    lines.append("instructions" if pairs else "captions")
     lines += [f"  {kind:<26}{n:>6}" for kind, n in report.caption_sources.items()]
     lines.append("short side (original px)")
     lines += [f"  {label:<26}{n:>6}" for label, n in report.size_histogram.items() if n]
     lines.append(f"zip {report.zip_path}  {report.zip_bytes / 2**20:.1f} MiB  sha256 {report.digest}")
     lines.append(f"report {report.report_path}")
     return "\n".join(lines)
+
+
+def _names(rows: list[dict[str, str]]) -> list[str]:
+    """``source: reason`` lines, the first NAMES_SHOWN of them; the report lists them all."""
+    lines = [f"    {r['source']}: {r['reason']}" for r in rows[:NAMES_SHOWN]]
+    if len(rows) > NAMES_SHOWN:
+        lines.append(f"    ... and {len(rows) - NAMES_SHOWN} more in the report")
+    return lines
