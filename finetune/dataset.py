@@ -3,6 +3,10 @@
 The zip contract (DESIGN.md): flat ``<stem>.jpg|png`` + ``<stem>.txt`` (UTF-8, one line, contains the trigger word)
 and ``metadata.jsonl`` rows ``{file_name, text, width, height, sha256, source}``. A zip not made by ``prepare`` is
 checked against it before any model loads; every problem is collected and reported at once, naming the entry.
+A pair zip (edit LoRAs) holds ``<stem>_start.<ext>`` (the reference; ``_start_2``, ... for more), ``<stem>_end.<ext>``
+(the target) and ``<stem>.txt`` (the instruction); it is recognised by a ``_start`` + ``_end`` pair of one stem or by
+``references`` in ``metadata.jsonl``, and never mixes with single images. Its items are the targets, each with its
+references in order.
 
 Buckets are by area: for each training resolution ``R`` an image goes to the bucket of area ≈ R² with the closest
 aspect ratio, sides multiples of ``multiple`` (2 × the VAE scale factor: 16 for FLUX.1), scaled to cover and centre
@@ -12,11 +16,13 @@ of processes: each global batch comes from one bucket and each sample's randomne
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
 import random
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ __all__ = [
     "Dataset",
     "Entry",
     "Item",
+    "RefItem",
     "assign_buckets",
     "batch_at",
     "batches_per_epoch",
@@ -45,17 +52,30 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 METADATA = "metadata.jsonl"
 MAX_ASPECT = 4.0  # buckets span aspect ratios 1:4 … 4:1 (ai-toolkit and kohya use similar limits)
+PAIR_STEM = re.compile(r"^(.+?)_(end|start(?:_([2-9]|[1-9][0-9]+))?)$")  # <stem>_end, <stem>_start, <stem>_start_N
+
+
+@dataclass(frozen=True)
+class RefItem:
+    """A reference image of an edit pair: its zip entry name, size in pixels and content hash."""
+
+    name: str
+    width: int
+    height: int
+    sha256: str
 
 
 @dataclass(frozen=True)
 class Item:
-    """One image of the dataset: its zip entry name, caption, size in pixels and content hash."""
+    """One image of the dataset (the target, for a pair): its zip entry name, caption, size in pixels and content
+    hash, and for an edit pair its references in order (``<stem>_start``, ``<stem>_start_2``, ...)."""
 
     name: str
     caption: str
     width: int
     height: int
     sha256: str
+    references: tuple[RefItem, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,9 +93,16 @@ class Entry:
     bucket: tuple[int, int]
 
 
-def _fail(path: Path, problems: list[str]) -> FinetuneError:
+def _fail(path: Path, problems: list[str], pairs: bool = False) -> FinetuneError:
     shown = "\n".join(f"  - {p}" for p in problems[:20])
     more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+    if pairs:
+        return FinetuneError(
+            f"dataset {path} does not follow the pair zip contract ({len(problems)} problem(s)):\n{shown}{more}\n"
+            "Each pair needs its target <stem>_end.jpg|png, its reference <stem>_start.jpg|png (more: _start_2, "
+            "...) and a one-line UTF-8 instruction <stem>.txt in the zip's top level; "
+            "`finetune prepare PAIRS --trigger-word WORD -o pairs.zip` builds a valid zip."
+        )
     return FinetuneError(
         f"dataset {path} does not follow the dataset zip contract ({len(problems)} problem(s)):\n{shown}{more}\n"
         "Each image <stem>.jpg|png needs a one-line UTF-8 caption <stem>.txt in the zip's top level; "
@@ -102,13 +129,18 @@ def read_dataset(path: str | Path, trigger_word: str) -> Dataset:
                 problems.append(f"{n}: entries must sit at the top level of the zip (no folders)")
             elif n != METADATA and not n.lower().endswith((*IMAGE_SUFFIXES, ".txt")):
                 problems.append(f"{n}: unexpected file; only images, .txt captions and {METADATA} belong here")
+        metadata = _read_metadata(zf, names, problems)
+        if _is_pair_zip(images, metadata):
+            items = _read_pairs(path, zf, images, captions, metadata, problems)
+            if problems:
+                raise _fail(path, problems, pairs=True)
+            return Dataset(path=path, digest=sha256_file(path), items=tuple(items))
         for stem in sorted(images.keys() - captions.keys()):
             problems.append(f"{images[stem]}: caption {stem}.txt is missing")
         for stem in sorted(captions.keys() - images.keys()):
             problems.append(f"{captions[stem]}: image {stem}.jpg or {stem}.png is missing")
         if not images:
             problems.append("no images (.jpg or .png) in the zip")
-        metadata = _read_metadata(zf, names, problems)
         items = []
         for stem in sorted(images.keys() & captions.keys()):
             item = _check_pair(zf, images[stem], captions[stem], trigger_word, metadata.get(images[stem]), problems)
@@ -156,6 +188,14 @@ def _check_pair(
         problems.append(f"{caption_name}: caption must be one line")
     elif trigger_word and trigger_word not in caption:
         problems.append(f"{caption_name}: caption {caption!r} does not contain the trigger word {trigger_word!r}")
+    image = _check_image(zf, image_name, row, problems, caption)
+    return None if image is None else Item(image.name, caption, image.width, image.height, image.sha256)
+
+
+def _check_image(
+    zf: zipfile.ZipFile, image_name: str, row: dict | None, problems: list[str], caption: str | None = None
+) -> RefItem | None:
+    """Decode-check ``image_name`` and compare it with its metadata row (and the caption, ``text``)."""
     data = zf.read(image_name)
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -168,11 +208,77 @@ def _check_pair(
     sha = hashlib.sha256(data).hexdigest()
     if row is not None:
         for key, value in (("width", width), ("height", height), ("sha256", sha), ("text", caption)):
-            if key in row and row[key] != value:
+            if key in row and value is not None and row[key] != value:
                 problems.append(f"{METADATA}: {key} of {image_name} is {row[key]!r} but the file says {value!r}")
     if min(width, height) < 16:
         problems.append(f"{image_name}: {width}x{height} is too small to train on (at least 16 px a side)")
-    return Item(name=image_name, caption=caption, width=width, height=height, sha256=sha)
+    return RefItem(name=image_name, width=width, height=height, sha256=sha)
+
+
+def _is_pair_zip(images: dict[str, str], metadata: dict[str, dict]) -> bool:
+    """A pair zip: some stem has both a ``_start`` and an ``_end`` image, or a metadata row lists ``references``."""
+    ends = {m[1] for stem in images if (m := PAIR_STEM.match(stem)) and m[2] == "end"}
+    starts = {m[1] for stem in images if (m := PAIR_STEM.match(stem)) and m[2] == "start"}
+    return bool(ends & starts) or any("references" in row for row in metadata.values())
+
+
+def _read_pairs(
+    path: Path,
+    zf: zipfile.ZipFile,
+    images: dict[str, str],
+    captions: dict[str, str],
+    metadata: dict[str, dict],
+    problems: list[str],
+) -> list[Item]:
+    """The pairs of a pair zip as items (the target, its instruction, its references), every problem collected."""
+    targets: dict[str, str] = {}
+    references: dict[str, dict[int, str]] = {}  # stem → {reference index: name}
+    singles = []
+    for stem, name in sorted(images.items()):
+        m = PAIR_STEM.match(stem)
+        if m is None:
+            singles.append(name)
+        elif m[2] == "end":
+            targets[m[1]] = name
+        else:
+            references.setdefault(m[1], {})[int(m[3] or 1) - 1] = name
+    if singles:
+        shown = ", ".join(singles[:5]) + (f" and {len(singles) - 5} more" if len(singles) > 5 else "")
+        raise FinetuneError(
+            f"dataset {path} mixes single images ({shown}) with edit pairs (<stem>_start / <stem>_end); a zip holds "
+            "single images or pairs, never both: build one zip of each with `finetune prepare`"
+        )
+    ref_rows = {
+        r["file_name"]: r for row in metadata.values() for r in row.get("references") or () if isinstance(r, dict)
+    }
+    for name in sorted(ref_rows.keys() - set(zf.namelist())):
+        problems.append(f"{METADATA}: reference {name!r} is not in the zip")
+    for stem in sorted(references.keys() - targets.keys()):
+        problems.append(f"{references[stem][min(references[stem])]}: target {stem}_end.jpg or .png is missing")
+    for stem in sorted(captions.keys() - targets.keys() - references.keys()):
+        problems.append(f"{captions[stem]}: target {stem}_end.jpg or .png is missing")
+    if not targets:
+        problems.append("no pairs (<stem>_end.jpg|png with <stem>_start.jpg|png) in the zip")
+    items = []
+    for stem, target in sorted(targets.items()):
+        refs = references.get(stem, {})
+        gaps = [i for i in range(max(refs, default=0) + 1) if i not in refs]
+        for i in gaps:
+            problems.append(f"{target}: reference {stem}_start{f'_{i + 1}' if i else ''}.jpg or .png is missing")
+        if stem not in captions:
+            problems.append(f"{target}: instruction {stem}.txt is missing")
+        if gaps or stem not in captions:
+            continue
+        # An instruction need not name the trigger word (issue 12: optional for edit sets; prepare adds it once
+        # when one is given), so it is not checked for one.
+        item = _check_pair(zf, target, captions[stem], "", metadata.get(target), problems)
+        checked = [_check_image(zf, refs[i], ref_rows.get(refs[i]), problems) for i in sorted(refs)]
+        if item is not None and None not in checked:
+            items.append(dataclasses.replace(item, references=tuple(checked)))
+    counts = sorted({len(item.references) for item in items})
+    if len(counts) > 1:  # a batch stacks reference i of every sample
+        problems.append(f"every pair needs the same number of references; this zip has pairs with {counts}")
+    return items
 
 
 # ---- aspect buckets ------------------------------------------------------------------------------------------

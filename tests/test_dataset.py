@@ -182,3 +182,83 @@ def test_sample_seed_separates_every_field():
     seeds = {sample_seed(s, i, j, t) for s in (0, 1) for i in (0, 1) for j in (0, 1) for t in ("a", "b")}
     assert len(seeds) == 16
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+# ---- pair zips (edit LoRAs) ----------------------------------------------------------------------------------
+
+
+def _pair_zip(path, pairs=2, references=2, drop=(), add=None):
+    """A pair zip written directly in the contract's layout (no metadata.jsonl: a hand-made zip)."""
+    import io
+
+    from conftest import synthetic_image
+
+    entries = {}
+    for p in range(pairs):
+        for suffix, index in [("_end", 10 * p)] + [
+            ("_start" if j == 0 else f"_start_{j + 1}", 10 * p + j + 1) for j in range(references)
+        ]:
+            buf = io.BytesIO()
+            synthetic_image(index, 40, 32).save(buf, format="PNG")
+            entries[f"pair{p}{suffix}.png"] = buf.getvalue()
+        entries[f"pair{p}.txt"] = f"TOK, edit {p}".encode()
+    entries.update(add or {})
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in sorted(set(entries) - set(drop)):
+            zf.writestr(name, entries[name])
+    return path
+
+
+def test_a_pair_zip_reads_targets_with_their_references_in_order(tmp_path):
+    ds = read_dataset(_pair_zip(tmp_path / "p.zip"), "TOK")
+    assert [i.name for i in ds.items] == ["pair0_end.png", "pair1_end.png"]
+    assert [r.name for r in ds.items[1].references] == ["pair1_start.png", "pair1_start_2.png"]
+    assert ds.items[0].caption == "TOK, edit 0" and (ds.items[0].references[0].width, ds.items[0].height) == (40, 32)
+
+
+@pytest.mark.parametrize(
+    "drop, add, message",
+    [
+        (["pair1_start.png"], None, r"pair1_end.png: reference pair1_start.jpg or .png is missing"),
+        (["pair0.txt"], None, r"pair0_end.png: instruction pair0.txt is missing"),
+        (["pair0_end.png"], None, r"pair0_start.png: target pair0_end.jpg or .png is missing"),
+        ([], {"pair2_start.png": b"x"}, r"pair2_start.png: target pair2_end.jpg or .png is missing"),
+        (["pair1_start_2.png"], None, r"same number of references; this zip has pairs with \[1, 2\]"),
+    ],
+)
+def test_pair_zip_problems_are_named(tmp_path, drop, add, message):
+    with pytest.raises(FinetuneError, match=rf"pair zip contract(.|\n)*{message}"):
+        read_dataset(_pair_zip(tmp_path / "p.zip", drop=drop, add=add), "TOK")
+
+
+def test_a_zip_mixing_single_images_and_pairs_is_refused(dataset_zip, tmp_path):
+    with zipfile.ZipFile(_pair_zip(tmp_path / "p.zip")) as zf:
+        pairs = {n: zf.read(n) for n in zf.namelist()}
+    mixed = _rewrite(dataset_zip, tmp_path / "mixed.zip", drop=["metadata.jsonl"], add=pairs)
+    with pytest.raises(FinetuneError, match=r"mixes single images \(.*\.png.*\) with edit pairs.*never both"):
+        read_dataset(mixed, "TOK")
+
+
+def test_instructions_of_a_pair_zip_need_no_trigger_word(tmp_path):
+    """Edit sets: the trigger word is optional (issue 12); an instruction without it is read as it is."""
+    import io
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    from finetune.dataset import read_dataset
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), color).save(buf, format="PNG")
+        return buf.getvalue()
+
+    path = tmp_path / "pairs.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a_start.png", png("red"))
+        zf.writestr("a_end.png", png("blue"))
+        zf.writestr("a.txt", "make it blue")
+        zf.writestr("metadata.jsonl", "")
+    dataset = read_dataset(path, "TOK")
+    assert [(i.caption, len(i.references)) for i in dataset.items] == [("make it blue", 1)]

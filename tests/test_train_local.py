@@ -593,3 +593,90 @@ def test_a_preview_model_that_cannot_take_the_lora_is_refused(work, dataset_zip,
     data["sample"] = {"every": 1, "prompts": ["a photo of [trigger]"], "size": 32, "preview_model": preview}
     with pytest.raises(FinetuneError, match=message):
         train(parse_config(data))
+
+
+# ---- edit pairs on FLUX.2 (issue 12): a pair zip from `finetune prepare` --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair_zip(tmp_path_factory) -> Path:
+    """Three edit pairs with two references each, made by `finetune prepare` (targets and references 64×53)."""
+    from prepare_fixtures import write_pair_layouts
+
+    from finetune.recipes.prepare import prepare
+
+    root = tmp_path_factory.mktemp("pairs")
+    layouts = write_pair_layouts(root, count=3, references=2)
+    out = root / "pairs.zip"
+    prepare([layouts["start-end"]], out, "TOK", max_side=64, min_side=32, progress=False, workers=1)
+    return out
+
+
+def test_an_edit_pair_zip_trains_resumes_bitwise_and_its_lora_loads_in_the_klein_pipeline(work, pair_zip):
+    from diffusers import Flux2KleinPipeline
+
+    from finetune.models import flux2
+
+    def config(**keys):
+        data = tiny_config(pair_zip, "preset:flux2-tiny", save_every=3, **keys)
+        return parse_config({**data, "lora": {"rank": 4, "alpha": 8}})
+
+    full = train(config(output_dir=str(work / "a")))
+    assert Registry().resolve("me/tok").id == full.id and full.lineage["family"] == "flux2"
+    rows = [json.loads(line) for line in (work / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    shutil.copytree(work / "a", work / "b")  # a copy that stopped after its step-3 checkpoint
+    shutil.rmtree(work / "b" / "checkpoints" / "step-000006")
+    (work / "b" / "lora.safetensors").unlink()
+    resumed = train(config(output_dir=str(work / "b")), resume=True)
+    assert resumed.id == full.id
+    assert (work / "b" / "lora.safetensors").read_bytes() == (work / "a" / "lora.safetensors").read_bytes()
+
+    tensors, _ = load_lora_file(full.lora_path)
+    c = flux2.build_preset("flux2-tiny")
+    pipe = Flux2KleinPipeline(scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
+                              tokenizer=c.tokenizer, transformer=c.transformer)  # fmt: skip
+    pipe.load_lora_weights(str(full.lora_path))
+    loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
+    assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors} == loaded  # every key consumed
+
+
+def test_a_batch_of_two_pairs_gives_every_sample_reference_i_the_time_offset_10_i(work, pair_zip, monkeypatch):
+    """diffusers' FLUX.2 img2img script gives sample i the offset of reference i; here reference i of every sample
+    sits at (10·(i + 1), h, w, 0) after the noisy tokens (0, h, w, 0), and each sample brings its own references."""
+    from diffusers import Flux2Transformer2DModel
+
+    from finetune.models import flux2
+
+    calls = []
+    forward = Flux2Transformer2DModel.forward
+
+    def record(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training steps, not the validation loss
+            calls.append((kwargs["hidden_states"].detach().clone(), kwargs["img_ids"].clone()))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Flux2Transformer2DModel, "forward", record)
+    train(parse_config(tiny_config(pair_zip, "preset:flux2-tiny", steps=2, batch_size=2)))
+    assert len(calls) == 2
+    for hidden, ids in calls:
+        ids = ids if ids.ndim == 3 else ids.expand(2, *ids.shape)  # 2-d ids are shared by every sample
+        tokens = hidden.shape[1] // 3  # the target, then references 1 and 2, all in one bucket
+        assert hidden.shape[0] == 2
+        for sample in range(2):
+            target = ids[sample, :tokens]
+            assert set(target[:, 0].tolist()) == {0}
+            for i in range(2):
+                ref = ids[sample, (i + 1) * tokens : (i + 2) * tokens]
+                assert set(ref[:, 0].tolist()) == {10 * (i + 1)}
+                torch.testing.assert_close(ref[:, 1:], target[:, 1:], rtol=0, atol=0)  # same (h, w, 0) grid
+        assert not torch.equal(hidden[0, tokens:], hidden[1, tokens:])  # two pairs, each with its own references
+    h, w = int(ids[0, :tokens, 1].max()) + 1, int(ids[0, :tokens, 2].max()) + 1
+    first = flux2.reference_ids((h, w), 0, "cpu", ids.dtype)  # (10, row, column, 0)
+    torch.testing.assert_close(ids[0, tokens : 2 * tokens], first, rtol=0, atol=0)
+
+
+def test_an_edit_pair_zip_on_flux1_is_refused_before_work(work, pair_zip, finetune_home):
+    with pytest.raises(FinetuneError, match=r"edit pairs train on FLUX.2 \[klein\]/\[dev\]; FLUX.1 Kontext is not"):
+        train(parse_config(tiny_config(pair_zip, "preset:tiny")))
+    _nothing_written(work, finetune_home)

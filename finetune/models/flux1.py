@@ -63,6 +63,7 @@ __all__ = [
     "pack_latents",
     "pipeline_from_components",
     "predict",
+    "reference_ids",
     "sample_images",
     "sampling_pipeline",
     "save_preset",
@@ -84,6 +85,8 @@ EXAMPLE = "black-forest-labs/FLUX.1-dev"
 TEXT_PARTS = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled) and T5-XXL (hidden states)
 TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 LORA_ALPHA_KEYS = True  # .alpha tensors: ComfyUI applies alpha/rank from them (diffusers reads them too)
+REFERENCES = False  # edit pairs (FLUX.1 Kontext) are not supported yet
+EDIT_PAIRS_UNSUPPORTED = "edit pairs train on FLUX.2 [klein]/[dev]; FLUX.1 Kontext is not supported yet"
 TRUE_CFG = False  # guidance-distilled (dev) or timestep-distilled (schnell): no negative prompt when sampling
 PRESET_NAMES = ("tiny", "small")
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -494,6 +497,11 @@ def image_seq_len(latent_shape: tuple[int, ...]) -> int:
     return (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
 
 
+def reference_ids(latent_shape: tuple[int, ...], index: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """FLUX.1 takes no reference images (Kontext is not supported yet)."""
+    raise FinetuneError(EDIT_PAIRS_UNSUPPORTED)
+
+
 def image_ids(latent_shape: tuple[int, ...], device: Any, dtype: torch.dtype) -> torch.Tensor:
     """Position ids of a normalized latent [..., h, w] after packing (``latent_image_ids``)."""
     return latent_image_ids(latent_shape[-2], latent_shape[-1], device, dtype)
@@ -507,9 +515,13 @@ def predict(
     img_ids: torch.Tensor,
     txt_ids: torch.Tensor,
     guidance: float | None,
+    references: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The transformer's velocity for noisy latents [B, 16, h, w] at ``sigmas`` [B], packed [B, tokens, 64], called
-    as ``FluxPipeline`` calls it: timestep = σ (the model scales by 1000), guidance embedded when given."""
+    as ``FluxPipeline`` calls it: timestep = σ (the model scales by 1000), guidance embedded when given. FLUX.1 takes
+    no reference images (Kontext is not supported yet)."""
+    if references:
+        raise FinetuneError(EDIT_PAIRS_UNSUPPORTED)
     return model(
         hidden_states=pack_latents(noisy),
         encoder_hidden_states=text["prompt_embeds"],

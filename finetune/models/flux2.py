@@ -10,7 +10,8 @@ each piece equal to diffusers 0.42.1):
   (diffusers#13445); the layers here are the pipeline's.
 - Latents: ``AutoencoderKLFlux2`` (32 channels), patchified 2×2 to 128 channels and normalised with the VAE's
   batch-norm running statistics (``Flux2KleinPipeline._encode_vae_image``); tokens are the 128-channel cells.
-- Position ids are 4-d (T, H, W, L): image tokens (0, h, w, 0), text tokens (0, 0, 0, l).
+- Position ids are 4-d (T, H, W, L): image tokens (0, h, w, 0), text tokens (0, 0, 0, l), reference i of an edit
+  pair (10·(i + 1), h, w, 0); reference tokens follow the noisy ones and the prediction is cut to the noisy tokens.
 - The transformer takes timestep = σ and scales it by 1000 itself; [dev] embeds guidance (trained at 1.0), [klein]
   has no guidance embedder and samples with true CFG against the empty prompt.
 
@@ -55,6 +56,7 @@ __all__ = [
     "pack_latents",
     "patchify_latents",
     "predict",
+    "reference_ids",
     "sample_images",
     "sampling_pipeline",
     "save_preset",
@@ -76,6 +78,7 @@ PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TEXT_PARTS = ("text_encoder",)
 TEXT_KEYS = ("prompt_embeds",)
 LORA_ALPHA_KEYS = False  # diffusers refuses .alpha keys for FLUX.2; its adapter metadata carries alpha
+REFERENCES = True  # edit pairs: reference tokens after the noisy ones, reference i at T = 10·(i + 1)
 TRUE_CFG = True  # [klein] base samples with CFG against the empty prompt; [dev] ignores the negative
 MAX_SEQUENCE_LENGTH = 512  # both pipelines' tokenizer_max_length
 KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline.encode_prompt text_encoder_out_layers
@@ -379,6 +382,12 @@ def image_ids(latent_shape: tuple[int, ...], device: Any, dtype: torch.dtype, t:
     return ids.to(device=device, dtype=dtype)
 
 
+def reference_ids(latent_shape: tuple[int, ...], index: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Positions of reference ``index`` (0-based), [h·w, 4]: (10·(index + 1), row, column, 0)
+    (``Flux2KleinPipeline._prepare_image_ids``). Every sample of a batch gives its reference i the same T."""
+    return image_ids(latent_shape, device, dtype, t=10 * (index + 1))
+
+
 def text_ids(seq_len: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
     """Text token positions (0, 0, 0, l), [seq_len, 4] (``Flux2KleinPipeline._prepare_text_ids``)."""
     ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(seq_len))
@@ -393,11 +402,22 @@ def predict(
     img_ids: torch.Tensor,
     txt_ids: torch.Tensor,
     guidance: float | None,
+    references: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The transformer's velocity for noisy latents [B, 128, h, w] at ``sigmas`` [B], packed [B, h·w, 128], called as
-    the pipelines call it: timestep = σ (the model scales by 1000), guidance embedded for [dev], None for [klein]."""
-    return model(
-        hidden_states=pack_latents(noisy),
+    the pipelines call it: timestep = σ (the model scales by 1000), guidance embedded for [dev], None for [klein].
+
+    ``references`` (edit pairs): normalized reference latents [B, 128, h_i, w_i], one tensor per reference index.
+    Their packed tokens and ids (``reference_ids``) go after the noisy ones, and only the noisy tokens' prediction
+    comes back, as in the pipelines' denoising loop (``noise_pred[:, :latents.size(1)]``)."""
+    hidden = pack_latents(noisy)
+    tokens = hidden.shape[1]
+    if references:
+        hidden = torch.cat([hidden, *(pack_latents(r.to(hidden.dtype)) for r in references)], dim=1)
+        refs = [reference_ids(r.shape, i, img_ids.device, img_ids.dtype) for i, r in enumerate(references)]
+        img_ids = torch.cat([img_ids, *refs], dim=0)
+    out = model(
+        hidden_states=hidden,
         encoder_hidden_states=text["prompt_embeds"],
         timestep=sigmas.to(noisy.dtype),
         img_ids=img_ids,
@@ -405,6 +425,7 @@ def predict(
         guidance=None if guidance is None else torch.full_like(sigmas, guidance),
         return_dict=False,
     )[0]
+    return out[:, :tokens] if references else out
 
 
 # ---- pipelines and sampling ----------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 ``train(cfg)`` checks the config, dataset and optimizer before any model loads; caches VAE latent distributions and
 text embeddings once (content-keyed, shared by all runs); trains a peft LoRA on the FLUX transformer with flow
 matching (DESIGN.md); checkpoints the full state atomically; renders samples and a fixed-σ validation loss; and
-registers the LoRA as a new version with its lineage. ``accelerate launch -m finetune train CONFIG`` runs it
-data-parallel: every global micro-batch comes from one bucket and every sample's noise, σ and caption dropout are
-drawn from (seed, micro-batch index, sample id), so the result does not depend on the number of processes; only
-the main process writes the cache, checkpoints, samples and the registry entry.
+registers the LoRA as a new version with its lineage. A pair zip (edit LoRAs, FLUX.2) also caches each pair's
+references at the target's bucket and feeds their normalized means to the transformer after the noisy tokens; the
+loss covers the target. ``accelerate launch -m finetune train CONFIG`` runs it data-parallel: every global
+micro-batch comes from one bucket and every sample's noise, σ and caption dropout are drawn from (seed, micro-batch
+index, sample id), so the result does not depend on the number of processes; only the main process writes the
+cache, checkpoints, samples and the registry entry.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from tqdm.auto import tqdm
 
 from finetune import cache, checkpoint, flow, fused_lora, lora, models, optim
 from finetune.config import Config, config_to_dict, dump_config
-from finetune.dataset import BatchOrder, Entry, assign_buckets, load_bucket_image, read_dataset, sample_seed
+from finetune.dataset import BatchOrder, assign_buckets, load_bucket_image, read_dataset, sample_seed
 from finetune.errors import EXIT_FAILURE, FinetuneError
 from finetune.registry import Registry, Version
 
@@ -69,6 +71,11 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     if dropout is not None and "train.caption_dropout" not in cfg.explicit:  # recorded in the run's config
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, caption_dropout=dropout))
     dataset = read_dataset(cfg.dataset, cfg.trigger_word)
+    if any(item.references for item in dataset.items) and not family.REFERENCES:
+        raise FinetuneError(
+            f"dataset {dataset.path} holds edit pairs and base_model {cfg.base_model} is {family.LABEL}: edit pairs "
+            "train on FLUX.2 [klein]/[dev]; FLUX.1 Kontext is not supported yet"
+        )
     cpu = models.resolve_device(cfg.train.device).type == "cpu"
     processes = PartialState(cpu=cpu)  # joins `accelerate launch` / torchrun process groups
     device, main = processes.device, processes.is_main_process
@@ -127,12 +134,18 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     tokenizers = [p.replace("text_encoder", "tokenizer") for p in family.TEXT_PARTS]  # diffusers names them so
     text_id = cache.source_identity(cfg.base_model, [*family.TEXT_PARTS, *tokenizers])
     latent_keys = [cache.latent_key(vae_id, dataset.items[e.item].sha256, e.bucket, dtype) for e in entries]
+    # Edit pairs: each reference is encoded at its target's bucket (so a batch stacks them; FLUX.2 would also take a
+    # reference at its own size up to 1 MP), keyed by its content like a target.
+    images = [(k, dataset.items[e.item].name, e.bucket) for k, e in zip(latent_keys, entries, strict=True)]
+    ref_keys = []
+    for e in entries:
+        refs = dataset.items[e.item].references
+        ref_keys.append([cache.latent_key(vae_id, r.sha256, e.bucket, dtype) for r in refs])
+        images += [(k, r.name, e.bucket) for k, r in zip(ref_keys[-1], refs, strict=True)]
     text_keys = {t: cache.text_key(text_id, t, seq_len, dtype, family.NAME) for t in texts}
     if main:
         try:
-            _build_cache(
-                cfg, family, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale
-            )
+            _build_cache(cfg, family, c, dataset, images, text_keys, cache_dir, dtype, device, seq_len, vae_scale)
         except Exception as e:  # the other processes wait for the broadcast below: tell them, then raise
             broadcast_object_list([f"{type(e).__name__}: {e}"])
             raise
@@ -140,6 +153,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     if failure is not None:
         raise FinetuneError(f"the main process could not build the cache ({failure})", EXIT_FAILURE)
     latents = [cache.read_tensors(cache.latent_file(cache_dir, k)) for k in latent_keys]
+    references = [[cache.read_tensors(cache.latent_file(cache_dir, k)) for k in keys] for keys in ref_keys]
     text = {t: cache.read_tensors(cache.text_file(cache_dir, k)) for t, k in text_keys.items()}
     c.vae.encoder = None  # only the decoder is needed from here on (samples)
     gc.collect()
@@ -217,8 +231,8 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
 
     # ---- loop -------------------------------------------------------------------------------------------------------
     guidance = cfg.train.guidance if getattr(transformer.config, "guidance_embeds", False) else None  # dev only
-    batch = _Batches(cfg, family, entries, latents, text, dataset.items, c.vae, accelerator, dtype)
-    val = _validation_batch(cfg, family, entries, latents, text, dataset.items, c.vae, device, dtype)
+    batch = _Batches(cfg, family, entries, latents, references, text, dataset.items, c.vae, accelerator, dtype)
+    val = _validation_batch(cfg, family, entries, latents, references, text, dataset.items, c.vae, device, dtype)
     sampling = _sampling(cfg, family, c, transformer, text, prompts) if main or sharded else None
     if sampling is not None and cfg.sample.preview_model:
         weights = lora.lora_state_dict(transformer)  # under FSDP every process takes part in gathering the shards
@@ -400,11 +414,10 @@ def _log_to(path: Path) -> None:
     log.setLevel(logging.INFO)
 
 
-def _build_cache(
-    cfg, family, c, dataset, entries, latent_keys, text_keys, cache_dir, dtype, device, seq_len, vae_scale
-):
-    """Encode what the cache lacks: estimate its size against the free disk first, then free the encoders."""
-    missing_latents = [i for i, k in enumerate(latent_keys) if not cache.latent_file(cache_dir, k).is_file()]
+def _build_cache(cfg, family, c, dataset, images, text_keys, cache_dir, dtype, device, seq_len, vae_scale):
+    """Encode what the cache lacks: estimate its size against the free disk first, then free the encoders.
+    ``images``: (latent key, zip entry, bucket) of every target, then of every reference."""
+    missing_latents = [i for i, (k, _, _) in enumerate(images) if not cache.latent_file(cache_dir, k).is_file()]
     missing_texts = [(k, t) for t, k in text_keys.items() if not cache.text_file(cache_dir, k).is_file()]
     if not missing_latents and not missing_texts:
         log.info("cache: every latent and caption is cached in %s", cache_dir)
@@ -412,7 +425,7 @@ def _build_cache(
     encoders = None
     itemsize = torch.empty(0, dtype=dtype).element_size()
     needed = cache.estimate_latent_bytes(
-        [entries[i].bucket for i in missing_latents], c.vae.config.latent_channels, vae_scale, itemsize
+        [images[i][2] for i in missing_latents], c.vae.config.latent_channels, vae_scale, itemsize
     )
     if missing_texts:
         encoders = family.load_components(cfg.base_model, dtype=dtype, device=device, parts=family.TEXT_PARTS)
@@ -421,12 +434,12 @@ def _build_cache(
     log.info("cache: encoding %d latents and %d captions into %s", len(missing_latents), len(missing_texts), cache_dir)
     with zipfile.ZipFile(dataset.path) as zf:
 
-        def pixels(entry: Entry) -> torch.Tensor:
-            image = load_bucket_image(zf, dataset.items[entry.item].name, entry.bucket)
+        def pixels(name: str, bucket: tuple[int, int]) -> torch.Tensor:
+            image = load_bucket_image(zf, name, bucket)
             x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
             return x.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, h, w] in [-1, 1]
 
-        jobs = [(latent_keys[i], lambda e=entries[i]: pixels(e)) for i in missing_latents]
+        jobs = [(images[i][0], lambda job=images[i]: pixels(job[1], job[2])) for i in missing_latents]
         cache.cache_latents(cache_dir, jobs, lambda px: family.encode_images(c.vae, px))
     if encoders is not None:
         cache.cache_texts(cache_dir, missing_texts, lambda t: family.encode_prompts(encoders, t, seq_len))
@@ -447,6 +460,7 @@ class _Batch:
     text: dict[str, torch.Tensor]  # the family's text tensors, [B, ...] each
     img_ids: torch.Tensor  # [tokens, 3 or 4]
     txt_ids: torch.Tensor  # [seq, 3 or 4]
+    references: list[torch.Tensor] = dataclasses.field(default_factory=list)  # edit pairs: [B, C, h, w] per index
 
 
 def _stack_text(rows: list[dict[str, torch.Tensor]], **to) -> dict[str, torch.Tensor]:
@@ -457,8 +471,8 @@ class _Batches:
     """``batches(index)``: this process's share of global micro-batch ``index``, with per-sample randomness drawn
     from (seed, index, sample id) so any process count sees the same samples with the same noise."""
 
-    def __init__(self, cfg, family, entries, latents, text, items, vae, accelerator, dtype):
-        self.cfg, self.family, self.entries, self.latents = cfg, family, entries, latents
+    def __init__(self, cfg, family, entries, latents, references, text, items, vae, accelerator, dtype):
+        self.cfg, self.family, self.entries, self.latents, self.references = cfg, family, entries, latents, references
         self.text, self.items, self.vae, self.dtype, self.device = text, items, vae, dtype, accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.order = BatchOrder(entries, cfg.train.batch_size, cfg.train.seed)
@@ -480,8 +494,11 @@ class _Batches:
             sigma = flow.sample_sigmas(cfg.train.sigma_sampling, 1, family.image_seq_len(z.shape), g)
             dropped = torch.rand(1, generator=g).item() < cfg.train.caption_dropout
             caption = "" if dropped else self.items[self.entries[entry].item].caption
-            rows.append((z, noise, sigma, self.text[caption]))
+            # references as the pipeline encodes them: the distribution's mean (mode), no draw, so the RNG is untouched
+            refs = [family.normalize_latents(r["mean"].float()[None], self.vae)[0] for r in self.references[entry]]
+            rows.append((z, noise, sigma, self.text[caption], refs))
         z = torch.stack([r[0] for r in rows])
+        references = zip(*[r[4] for r in rows], strict=True)  # reference i of every sample, for each i
         if z.shape[1:] not in self.ids:
             self.ids[z.shape[1:]] = family.image_ids(z.shape[1:], self.device, self.dtype)
         to = dict(device=self.device, non_blocking=True)
@@ -492,18 +509,20 @@ class _Batches:
             text=_stack_text([r[3] for r in rows], dtype=self.dtype, **to),
             img_ids=self.ids[z.shape[1:]],
             txt_ids=self.txt_ids,
+            references=[torch.stack(refs).to(dtype=self.dtype, **to) for refs in references],
         )
 
 
 def _flow_loss(family, model, b: _Batch, guidance: float | None) -> torch.Tensor:
     """MSE between the predicted and the true velocity ``noise - latents`` at ``x_σ`` (DESIGN.md; flow.py)."""
     noisy = flow.add_noise(b.latents, b.noise, b.sigmas)
-    model_pred = family.predict(model, noisy, b.sigmas, b.text, b.img_ids, b.txt_ids, guidance)
-    target = family.pack_latents(flow.flow_target(b.latents, b.noise))  # packing is a permutation: same MSE
+    model_pred = family.predict(model, noisy, b.sigmas, b.text, b.img_ids, b.txt_ids, guidance, b.references or None)
+    # packing is a permutation: same MSE; with references the loss covers the target's tokens only (predict cuts)
+    target = family.pack_latents(flow.flow_target(b.latents, b.noise))
     return F.mse_loss(model_pred.float(), target.float())
 
 
-def _validation_batch(cfg, family, entries, latents, text, items, vae, device, dtype) -> list[_Batch]:
+def _validation_batch(cfg, family, entries, latents, references, text, items, vae, device, dtype) -> list[_Batch]:
     """Fixed batches for the validation loss: the first images at each σ in VAL_SIGMAS with fixed noise."""
     out = []
     n = len(VAL_SIGMAS)
@@ -512,6 +531,7 @@ def _validation_batch(cfg, family, entries, latents, text, items, vae, device, d
         g = torch.Generator().manual_seed(sample_seed(cfg.train.seed, -1, i, "validation"))
         noise = torch.randn((n, *z.shape), generator=g)
         emb = text[items[entry.item].caption]
+        refs = [family.normalize_latents(r["mean"].float()[None], vae) for r in references[i]]
         out.append(
             _Batch(
                 latents=z.expand_as(noise).to(device=device, dtype=dtype),
@@ -520,6 +540,7 @@ def _validation_batch(cfg, family, entries, latents, text, items, vae, device, d
                 text={k: v.expand(n, *v.shape).to(device=device, dtype=dtype) for k, v in emb.items()},
                 img_ids=family.image_ids(z.shape, device, dtype),
                 txt_ids=family.text_ids(emb["prompt_embeds"].shape[0], device, dtype),
+                references=[r.expand(n, *r.shape[1:]).to(device=device, dtype=dtype) for r in refs],
             )
         )
     return out

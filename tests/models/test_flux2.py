@@ -194,3 +194,63 @@ def test_quantize_auto_on_a_gpu_of_each_size(monkeypatch, base, gib, expected):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gib * 2**30))
     family = models.family_for(base)
     assert models.resolve_quantize("auto", "cuda", weights_gib=family.transformer_gib(base)) == expected
+
+
+# ---- edit pairs: references as the pipeline encodes and places them (issue 12) -----------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_reference_latents_ids_and_one_call_with_references_equal_the_pipeline(klein_dir, tmp_path, count):
+    """References as the trainer prepares them (resized to the target's bucket, VAE mean, normalized) equal
+    ``prepare_image_latents`` for the same resized images, with reference i at T = 10·(i + 1); one ``predict`` with
+    them equals the pipeline's first denoising call with ``image=`` (reference tokens after the noisy ones), cut to
+    the noisy tokens."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from conftest import synthetic_image
+
+    from finetune.dataset import load_bucket_image
+
+    bucket = (64, 80)  # (w, h): the target's bucket, which the trainer resizes each reference to
+    with zipfile.ZipFile(tmp_path / "refs.zip", "w") as zf:
+        for i in range(count):
+            buf = io.BytesIO()
+            synthetic_image(i, 90 + 10 * i, 110).save(buf, format="PNG")
+            zf.writestr(f"ref{i}.png", buf.getvalue())
+    with zipfile.ZipFile(tmp_path / "refs.zip") as zf:
+        images = [load_bucket_image(zf, f"ref{i}.png", bucket) for i in range(count)]
+    pipe = _pipeline(klein_dir)
+    c = flux2.load_components(str(klein_dir), parts=("vae", "text_encoder"))
+    pixels = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float()[None] / 127.5 - 1 for im in images]
+    refs = [flux2.normalize_latents(flux2.encode_images(c.vae, px)[0], c.vae) for px in pixels]
+    processed = [pipe.image_processor.preprocess(im, height=80, width=64, resize_mode="crop") for im in images]
+    latents, ids = pipe.prepare_image_latents(processed, 1, None, "cpu", torch.float32)
+    ours = torch.cat([flux2.pack_latents(r) for r in refs], dim=1)
+    torch.testing.assert_close(ours, latents, rtol=0, atol=1e-5)
+    our_ids = torch.cat([flux2.reference_ids(r.shape, i, "cpu", torch.int64) for i, r in enumerate(refs)])
+    torch.testing.assert_close(our_ids, ids[0], rtol=0, atol=0)
+    assert sorted({int(t) for t in our_ids[:, 0]}) == [10 * (i + 1) for i in range(count)]
+
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
+    )
+    pipe(prompt=PROMPTS[0], image=images, height=80, width=64, num_inference_steps=2, guidance_scale=1.0,
+         output_type="latent")  # fmt: skip
+    hook.remove()
+    kwargs, reference = calls[0]
+    tokens = 5 * 4
+    assert kwargs["hidden_states"].shape[1] == tokens * (1 + count)  # the references follow the noisy tokens
+    torch.testing.assert_close(kwargs["hidden_states"][:, tokens:], ours, rtol=0, atol=1e-5)
+    noisy = kwargs["hidden_states"][:, :tokens].permute(0, 2, 1).reshape(1, 128, 5, 4)
+    img_ids = flux2.image_ids(noisy.shape, "cpu", torch.float32)
+    text = flux2.encode_prompts(c, PROMPTS[:1], 512)
+    txt_ids = flux2.text_ids(512, "cpu", torch.float32)
+    pred = flux2.predict(pipe.transformer, noisy, kwargs["timestep"], text, img_ids, txt_ids, None, refs)
+    assert pred.shape == (1, tokens, 128)
+    torch.testing.assert_close(pred, reference[:, :tokens], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat([img_ids.long(), our_ids]), kwargs["img_ids"][0], rtol=0, atol=0)
+    without = flux2.predict(pipe.transformer, noisy, kwargs["timestep"], text, img_ids, txt_ids, None)
+    assert not torch.allclose(without, pred, atol=1e-3)  # the references matter to the prediction
