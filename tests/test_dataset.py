@@ -242,7 +242,6 @@ def test_a_zip_mixing_single_images_and_pairs_is_refused(dataset_zip, tmp_path):
 def test_instructions_of_a_pair_zip_need_no_trigger_word(tmp_path):
     """Edit sets: the trigger word is optional (issue 12); an instruction without it is read as it is."""
     import io
-    import json
     import zipfile
 
     from PIL import Image
