@@ -53,26 +53,17 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "vae": _VAE_TINY,
         "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16),
     },
-    "flux2-dev-tiny": {
-        "transformer": dict(
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            mlp_ratio=3.0,
-            axes_dims_rope=(4, 4, 4, 4),
-        ),
-        "vae": _VAE_TINY,
-        "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16),
-        "vision": dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-    },
+}
+_PRESETS["flux2-dev-tiny"] = {  # flux2-tiny's sizes (guidance embedder and Mistral come from build_dev_tiny)
+    **_PRESETS["flux2-tiny"],
+    "vision": dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    ),
 }
 PRESET_NAMES = tuple(_PRESETS)
 _KLEIN_NAMES = ("flux2-small", "flux2-tiny")
