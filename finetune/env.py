@@ -135,7 +135,7 @@ def plan(gpus: list[dict[str, Any]], sizes: dict[str, float]) -> list[dict[str, 
     ``gpus`` as ``collect()`` gives them (``memory_gib`` each); ``sizes`` maps a hub id to its bf16 transformer in
     GiB (each family's ``transformer_gib``).
     """
-    from finetune.models.common import QUANTIZE_HEADROOM_GIB
+    from finetune.models.common import bf16_fits
 
     out = []
     for hub_id, label in BASE_MODELS:
@@ -149,11 +149,11 @@ def plan(gpus: list[dict[str, Any]], sizes: dict[str, float]) -> list[dict[str, 
         best = max(gpus, key=lambda g: g["memory_gib"])
         memory, name = best["memory_gib"], f"{best['memory_gib']:.0f} GiB {best['name']}"
         smallest = min(g["memory_gib"] for g in gpus)
-        if memory >= weights + QUANTIZE_HEADROOM_GIB:
+        if bf16_fits(memory, weights):
             fits, how = "yes", f"bf16 on this {name} (train.quantize: auto keeps bf16)"
         elif memory >= weights / 2 + CHECKPOINTED_HEADROOM_GIB:
             fits, how = "yes", f"int8 + gradient checkpointing on this {name} (train.quantize: auto picks int8)"
-        elif len(gpus) > 1 and smallest >= weights / len(gpus) + QUANTIZE_HEADROOM_GIB:
+        elif len(gpus) > 1 and bf16_fits(smallest, weights / len(gpus)):  # each GPU holds its 1/N share
             fits = "sharded"
             how = f"bf16 sharded over the {len(gpus)} GPUs: accelerate launch --use_fsdp, train.quantize=none"
         else:

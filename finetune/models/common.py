@@ -44,6 +44,7 @@ __all__ = [
     "bytes_to_unicode",
     "check_folder_parts",
     "QUANTIZE_HEADROOM_GIB",
+    "bf16_fits",
     "load_parts",
     "model_index",
     "preset_name",
@@ -138,6 +139,12 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
 QUANTIZE_HEADROOM_GIB = 14.0
 
 
+def bf16_fits(memory_gib: float, weights_gib: float) -> bool:
+    """Whether a GPU of ``memory_gib`` trains a transformer of ``weights_gib`` bf16 weights without int8: the rule of
+    ``train.quantize: auto`` (and of ``finetune env``'s plan)."""
+    return memory_gib >= weights_gib + QUANTIZE_HEADROOM_GIB
+
+
 def resolve_quantize(
     name: str, device: str | torch.device, setting: str = "train.quantize", *, weights_gib: float = 22.2
 ) -> str | None:
@@ -151,9 +158,8 @@ def resolve_quantize(
     device = torch.device(device)
     set_none = f"{setting} none" if setting.startswith("--") else f"{setting}=none"
     if name == "auto":
-        small = (
-            device.type == "cuda"
-            and torch.cuda.get_device_properties(device).total_memory < (weights_gib + QUANTIZE_HEADROOM_GIB) * 2**30
+        small = device.type == "cuda" and not bf16_fits(
+            torch.cuda.get_device_properties(device).total_memory / 2**30, weights_gib
         )
         name = "int8" if small else "none"
     if name == "none":
