@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from finetune.errors import FinetuneError
-from finetune.files import finetune_home, write_atomic
+from finetune.files import finetune_home, free_bytes, write_atomic
 
 __all__ = [
     "cache_latents",
@@ -118,10 +117,7 @@ def estimate_latent_bytes(
 
 def check_free_space(cache_dir: Path, needed: int) -> None:
     """Raise a FinetuneError before caching when the disk holding ``cache_dir`` cannot take ``needed`` bytes."""
-    probe = Path(cache_dir)
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(cache_dir)
     if needed * SPACE_MARGIN > free:
         raise FinetuneError(
             f"train.cache_dir {cache_dir}: the latent and text cache needs about {needed / 1e6:.1f} MB but only "

@@ -16,11 +16,10 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
-from finetune.files import finetune_home
+from finetune.files import finetune_home, free_bytes
 
 __all__ = ["CHECKPOINTED_HEADROOM_GIB", "collect", "format_report", "plan", "transformer_sizes"]
 
@@ -57,11 +56,7 @@ def _version(package: str) -> str | None:
 
 
 def _free_gib(path: Path) -> float:
-    """Free space on the disk that holds ``path`` (its nearest existing parent when it does not exist yet)."""
-    probe = Path(path).expanduser()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return round(shutil.disk_usage(probe).free / GIB, 1)
+    return round(free_bytes(path) / GIB, 1)
 
 
 def _gpus() -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_dir", "atomic_file", "finetune_home", "sha256_file", "write_atomic"]
+__all__ = ["atomic_dir", "atomic_file", "finetune_home", "free_bytes", "sha256_file", "write_atomic"]
 
 
 def finetune_home() -> Path:
@@ -82,3 +82,11 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the disk that holds ``path``, or that will hold it (its nearest existing parent)."""
+    probe = Path(path).expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
