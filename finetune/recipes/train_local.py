@@ -153,7 +153,10 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     if failure is not None:
         raise FinetuneError(f"the main process could not build the cache ({failure})", EXIT_FAILURE)
     latents = [cache.read_tensors(cache.latent_file(cache_dir, k)) for k in latent_keys]
-    references = [[cache.read_tensors(cache.latent_file(cache_dir, k)) for k in keys] for keys in ref_keys]
+    # References as the pipeline encodes them: the distribution's mean (its mode, no draw), normalized once here.
+    means = {k: cache.read_tensors(cache.latent_file(cache_dir, k))["mean"] for keys in ref_keys for k in keys}
+    normalized = {k: family.normalize_latents(m.float()[None], c.vae)[0] for k, m in means.items()}
+    references = [[normalized[k] for k in keys] for keys in ref_keys]  # [C, h, w] per entry and reference
     text = {t: cache.read_tensors(cache.text_file(cache_dir, k)) for t, k in text_keys.items()}
     c.vae.encoder = None  # only the decoder is needed from here on (samples)
     gc.collect()
@@ -494,9 +497,7 @@ class _Batches:
             sigma = flow.sample_sigmas(cfg.train.sigma_sampling, 1, family.image_seq_len(z.shape), g)
             dropped = torch.rand(1, generator=g).item() < cfg.train.caption_dropout
             caption = "" if dropped else self.items[self.entries[entry].item].caption
-            # references as the pipeline encodes them: the distribution's mean (mode), no draw, so the RNG is untouched
-            refs = [family.normalize_latents(r["mean"].float()[None], self.vae)[0] for r in self.references[entry]]
-            rows.append((z, noise, sigma, self.text[caption], refs))
+            rows.append((z, noise, sigma, self.text[caption], self.references[entry]))
         z = torch.stack([r[0] for r in rows])
         references = zip(*[r[4] for r in rows], strict=True)  # reference i of every sample, for each i
         if z.shape[1:] not in self.ids:
@@ -531,7 +532,6 @@ def _validation_batch(cfg, family, entries, latents, references, text, items, va
         g = torch.Generator().manual_seed(sample_seed(cfg.train.seed, -1, i, "validation"))
         noise = torch.randn((n, *z.shape), generator=g)
         emb = text[items[entry.item].caption]
-        refs = [family.normalize_latents(r["mean"].float()[None], vae) for r in references[i]]
         out.append(
             _Batch(
                 latents=z.expand_as(noise).to(device=device, dtype=dtype),
@@ -540,7 +540,7 @@ def _validation_batch(cfg, family, entries, latents, references, text, items, va
                 text={k: v.expand(n, *v.shape).to(device=device, dtype=dtype) for k, v in emb.items()},
                 img_ids=family.image_ids(z.shape, device, dtype),
                 txt_ids=family.text_ids(emb["prompt_embeds"].shape[0], device, dtype),
-                references=[r.expand(n, *r.shape[1:]).to(device=device, dtype=dtype) for r in refs],
+                references=[r.expand(n, *r.shape).to(device=device, dtype=dtype) for r in references[i]],
             )
         )
     return out
