@@ -299,9 +299,8 @@ def test_exported_file_loads_in_flux2_klein_pipeline_at_the_trained_scale(tmp_pa
         converted = _convert_kohya_flux2_lora_to_diffusers(consumed)
         assert consumed == {}
 
-    c = flux2.build_preset("flux2-tiny")
-    pipe = Flux2KleinPipeline(scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
-                              tokenizer=c.tokenizer, transformer=c.transformer)  # fmt: skip
+    pipe = flux2.pipeline_from_components(flux2.build_preset("flux2-tiny"))
+    assert isinstance(pipe, Flux2KleinPipeline)
     pipe.load_lora_weights(str(path))
     loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
     assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in converted} == loaded

@@ -498,9 +498,8 @@ def test_a_flux2_klein_lora_loads_in_its_pipeline_at_the_trained_scale_and_the_c
         and '"transformer.lora_alpha": 12.0' in meta["lora_adapter_metadata"]
     )
 
-    c = flux2.build_preset("flux2-tiny")
-    pipe = Flux2KleinPipeline(scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
-                              tokenizer=c.tokenizer, transformer=c.transformer)  # fmt: skip
+    pipe = flux2.pipeline_from_components(flux2.build_preset("flux2-tiny"))
+    assert isinstance(pipe, Flux2KleinPipeline)
     pipe.load_lora_weights(str(version.lora_path))
     loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
     assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors} == loaded  # every key consumed
@@ -633,9 +632,8 @@ def test_an_edit_pair_zip_trains_resumes_bitwise_and_its_lora_loads_in_the_klein
     assert (work / "b" / "lora.safetensors").read_bytes() == (work / "a" / "lora.safetensors").read_bytes()
 
     tensors, _ = load_lora_file(full.lora_path)
-    c = flux2.build_preset("flux2-tiny")
-    pipe = Flux2KleinPipeline(scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
-                              tokenizer=c.tokenizer, transformer=c.transformer)  # fmt: skip
+    pipe = flux2.pipeline_from_components(flux2.build_preset("flux2-tiny"))
+    assert isinstance(pipe, Flux2KleinPipeline)
     pipe.load_lora_weights(str(full.lora_path))
     loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
     assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors} == loaded  # every key consumed
