@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -198,12 +199,7 @@ def transformer_bf16_gib(base_model: str, known: Mapping[str, float]) -> float:
         for f in folder.glob("*.safetensors"):
             with open(f, "rb") as fh:
                 header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-            for key, entry in header.items():
-                if key != "__metadata__":
-                    n = 1
-                    for d in entry["shape"]:
-                        n *= d
-                    count += n
+            count += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
         if count:
             return count * 2 / 2**30
     return known.get(base_model, max(known.values(), default=0.0))

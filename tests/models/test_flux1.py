@@ -267,3 +267,10 @@ def test_quantize_policy_and_a_missing_torchao(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "torchao", None)  # what `import torchao` sees when it is absent
     with pytest.raises(FinetuneError, match=r"needs torchao.*finetune\[quantize\].*train.quantize=none"):
         common.resolve_quantize("int8", "cpu")
+
+
+def test_a_folder_transformer_size_is_counted_from_its_safetensors_headers(tiny_preset_dir):
+    """train.quantize: auto weighs a local folder by its parameter count × 2 bytes, read without loading it."""
+    params = sum(p.numel() for p in flux.build_preset("tiny").transformer.parameters())
+    assert flux.transformer_gib(str(tiny_preset_dir)) == params * 2 / 2**30
+    assert flux.transformer_gib("black-forest-labs/FLUX.1-dev") == 22.2
