@@ -477,34 +477,36 @@ def test_flux1_preset_run_keeps_its_version_id_across_the_family_seam(work, data
     assert train(cfg).id == PINNED_FLUX1_VERSION
 
 
-def test_a_flux2_klein_lora_loads_in_its_pipeline_at_the_trained_scale_and_the_cache_equals_the_pipeline(
-    work, dataset_zip, finetune_home
+@pytest.mark.parametrize("preset", ["flux2-tiny", "flux2-dev-tiny"])
+def test_a_flux2_lora_loads_in_its_pipeline_at_the_trained_scale_and_the_cache_equals_the_pipeline(
+    work, dataset_zip, finetune_home, preset
 ):
     """alpha != rank: diffusers' FLUX.2 loader refuses .alpha keys, so the file carries alpha in its adapter
-    metadata; Flux2KleinPipeline.load_lora_weights consumes every key and gives the trained model's output. The
-    cached caption embeddings are what the pipeline's encode_prompt computes."""
-    from diffusers import Flux2KleinPipeline
+    metadata; Flux2KleinPipeline / Flux2Pipeline.load_lora_weights consumes every key and gives the trained model's
+    output. The cached caption embeddings are what the pipeline's encode_prompt computes."""
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
     from finetune import cache, lora
     from finetune.models import flux2
 
-    data = tiny_config(dataset_zip, "preset:flux2-tiny", steps=3)
+    data = tiny_config(dataset_zip, f"preset:{preset}", steps=3)
     data["lora"] = {"rank": 4, "alpha": 12, "save_dtype": "float32"}
     version = train(parse_config(data))
-    assert version.lineage["config"]["train"]["caption_dropout"] == 0.1  # klein's default: true CFG
+    klein = preset == "flux2-tiny"
+    assert version.lineage["config"]["train"]["caption_dropout"] == (0.1 if klein else 0.05)  # klein: true CFG
     tensors, meta = load_lora_file(version.lora_path)
     assert (
         not any(k.endswith(".alpha") for k in tensors)
         and '"transformer.lora_alpha": 12.0' in meta["lora_adapter_metadata"]
     )
 
-    pipe = flux2.pipeline_from_components(flux2.build_preset("flux2-tiny"))
-    assert isinstance(pipe, Flux2KleinPipeline)
+    pipe = flux2.pipeline_from_components(flux2.build_preset(preset))
+    assert isinstance(pipe, Flux2KleinPipeline if klein else Flux2Pipeline)
     pipe.load_lora_weights(str(version.lora_path))
     loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
     assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors} == loaded  # every key consumed
 
-    trained = flux2.build_preset("flux2-tiny").transformer
+    trained = flux2.build_preset(preset).transformer
     lora.add_lora(trained, rank=4, alpha=12, targets="all-linear", dropout=0.0, seed=0)
     lora.set_lora_state(trained, tensors)
     g = torch.Generator().manual_seed(0)
@@ -514,16 +516,17 @@ def test_a_flux2_klein_lora_loads_in_its_pipeline_at_the_trained_scale_and_the_c
         timestep=torch.tensor([0.5]),
         img_ids=flux2.image_ids((2, 3), "cpu", torch.float32),
         txt_ids=flux2.text_ids(16, "cpu", torch.float32),
+        guidance=None if klein else torch.tensor([4.0]),
         return_dict=False,
     )
     with torch.no_grad():
         ours, theirs = trained(**inputs)[0], pipe.transformer(**inputs)[0]
-        base = flux2.build_preset("flux2-tiny").transformer(**inputs)[0]
+        base = flux2.build_preset(preset).transformer(**inputs)[0]
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     assert float((ours - base).abs().max()) > 1e-3  # the LoRA changes the output, far above the tolerance
 
     caption = "a photo of TOK, picture 0"
-    text_id = cache.source_identity("preset:flux2-tiny", ["text_encoder", "tokenizer"])
+    text_id = cache.source_identity(f"preset:{preset}", ["text_encoder", "tokenizer"])
     cached = cache.read_tensors(
         cache.text_file(finetune_home / "cache", cache.text_key(text_id, caption, 16, torch.float32, "flux2"))
     )
