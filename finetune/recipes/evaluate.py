@@ -244,7 +244,9 @@ def _save_png(image: Any, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def _sample_local(jobs: list[dict], targets: list[_Target], settings: dict, device: Any, dtype: Any, bar: Any) -> dict:
+def _sample_local(
+    family: Any, jobs: list[dict], targets: list[_Target], settings: dict, device: Any, dtype: Any, bar: Any
+) -> dict:
     """Draw every local job with one pipeline; returns counters. Each job: column, target index, prompt, seeds."""
     import torch
 
@@ -254,7 +256,6 @@ def _sample_local(jobs: list[dict], targets: list[_Target], settings: dict, devi
     # Text encoders first, alone: encode each distinct prompt once, free them, then load the transformer. So T5-XXL
     # (9.5 GB in bf16) and the transformer never share the GPU.
     texts = sorted({job["prompt"] for job in jobs})
-    family = models.family_for(base)
     encoders = family.load_components(base, dtype=dtype, device=device, parts=family.TEXT_PARTS)
     negative = [""] if family.TRUE_CFG else []  # true CFG's negative prompt, encoded with the rest
     text = family.encode_prompts(encoders, texts + negative, settings["max_sequence_length"])
@@ -651,7 +652,7 @@ def evaluate(
     t0 = time.perf_counter()
     with tqdm(total=counters["images_sampled"], unit="img", desc="sampling", disable=not progress) as bar:
         if local_jobs:
-            counters |= _sample_local(local_jobs, targets, settings, device_, dtype_, bar)
+            counters |= _sample_local(family, local_jobs, targets, settings, device_, dtype_, bar)
         if remote_jobs:
             with client:
                 counters["remote_predictions"] = _sample_remote(remote_jobs, targets, settings, client, bar)
