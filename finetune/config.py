@@ -128,6 +128,12 @@ class SampleConfig:
     steps: int = _field(0, "Sampling steps; 0 = the base model's default.", ge=0)
     guidance: float = _field(0.0, "Guidance scale; 0 = the base model's default.", ge=0.0)
     size: int = _field(0, "Square sample size in pixels; 0 = the base model's default.", ge=0)
+    inputs: list[str] = _field(
+        [],
+        "Edit LoRAs: one input image per prompt, a path or dataset:<stem> (that pair of the dataset zip is held out "
+        "of training; its instruction is the prompt unless sample.prompts is set). Empty with a pair zip: its first "
+        "two pairs' references and instructions, kept in training.",
+    )
     preview_model: str = _field(
         "",
         "FLUX.2 [klein] only: also render every sample on this model with the trained LoRA (e.g. the distilled "
