@@ -1,9 +1,9 @@
 """The model-family seam: one module per family behind one small interface, and which family a base model is.
 
 Recipes, the cache and eval speak to a ``Family`` only (``family_for(base_model)``); each family module
-(``flux1``: FLUX.1 dev/schnell/Krea; ``flux2``: FLUX.2 dev and klein) implements it as module-level functions, so
-adding a family is one module, its presets, configs and tests. This package imports no torch until a family is
-asked for, so ``finetune --help`` stays instant.
+(``flux1``: FLUX.1 dev/schnell/Krea; ``kontext``: FLUX.1 Kontext [dev]; ``flux2``: FLUX.2 dev and klein) implements
+it as module-level functions, so adding a family is one module, its presets, configs and tests. This package imports
+no torch until a family is asked for, so ``finetune --help`` stays instant.
 
 The family comes from the base model: a preset name, a known hub id, or the ``_class_name`` of the pipeline in the
 model's ``model_index.json``; anything else is an error that lists the supported families.
@@ -33,7 +33,7 @@ __all__ = [
     "resolve_quantize",
 ]
 
-FAMILIES = ("flux1", "flux2")
+FAMILIES = ("flux1", "kontext", "flux2")
 
 
 class Family(Protocol):
@@ -49,7 +49,7 @@ class Family(Protocol):
     LORA_ALPHA_KEYS: bool  # the LoRA file carries .alpha tensors (lora.save_lora)
     BFL_BLOCKS: dict  # block kind → (BFL module, the diffusers modules it fuses): the kohya/ComfyUI exports
     TRUE_CFG: bool  # sampling needs the empty prompt's embedding as the negative (klein base)
-    REFERENCES: bool  # trains edit pairs (a pair zip): reference latents go to predict after the noisy ones
+    MAX_REFERENCES: int  # reference images per edit pair (a pair zip) that predict takes after the noisy ones; 0: none
 
     def check_config(self, cfg: Any) -> None: ...  # refuse what the family cannot train, before any model loads
     def default_caption_dropout(self, base_model: str) -> float | None: ...  # None: the config's default
@@ -93,9 +93,14 @@ def family_module(name: str) -> Family:
 
 # Without importing the family modules (and torch): preset names and hub ids per family, checked against the
 # modules' own constants by tests/models/test_family.py.
-_PRESETS = {"flux1": ("tiny", "small"), "flux2": ("flux2-tiny", "flux2-small", "flux2-dev-tiny")}
+_PRESETS = {
+    "flux1": ("tiny", "small"),
+    "kontext": ("kontext-tiny",),
+    "flux2": ("flux2-tiny", "flux2-small", "flux2-dev-tiny"),
+}
 _PIPELINES = {
     "FluxPipeline": "flux1",
+    "FluxKontextPipeline": "kontext",
     "Flux2Pipeline": "flux2",
     "Flux2KleinPipeline": "flux2",
 }
@@ -108,14 +113,15 @@ def preset_names() -> list[str]:
 
 def _supported() -> str:
     return (
-        "supported: FLUX.1 (FluxPipeline: black-forest-labs/FLUX.1-dev, -schnell, -Krea-dev), FLUX.2 (Flux2Pipeline: "
+        "supported: FLUX.1 (FluxPipeline: black-forest-labs/FLUX.1-dev, -schnell, -Krea-dev), FLUX.1 Kontext "
+        "(FluxKontextPipeline: black-forest-labs/FLUX.1-Kontext-dev), FLUX.2 (Flux2Pipeline: "
         "black-forest-labs/FLUX.2-dev; Flux2KleinPipeline: black-forest-labs/FLUX.2-klein-base-4B, -base-9B), "
         f"and the presets {', '.join(preset_names())}"
     )
 
 
 def family_name(base_model: str) -> str:
-    """``flux1`` or ``flux2`` for a base model, without loading a model (and without importing torch).
+    """``flux1``, ``kontext`` or ``flux2`` for a base model, without loading a model (and without importing torch).
 
     Raises:
         FinetuneError: an unknown preset, or a model whose ``model_index.json`` names an unsupported pipeline.
@@ -141,6 +147,8 @@ def family_name(base_model: str) -> str:
             return "flux2" if cls.startswith("Flux2") else "flux1"
     else:
         lowered = base_model.lower()
+        if "kontext" in lowered:  # BFL's FLUX.1-Kontext-dev and fine-tunes named after it
+            return "kontext"
         if "flux.2" in lowered or "flux2" in lowered:  # BFL's FLUX.2 repos and their fine-tunes by name
             return "flux2"
         if not lowered.startswith("black-forest-labs/") and "/" in base_model:

@@ -44,6 +44,8 @@ __all__ = [
     "PRESET_WORDS",
     "bytes_to_unicode",
     "check_folder_parts",
+    "edit_size",
+    "fit_inputs",
     "QUANTIZE_HEADROOM_GIB",
     "bf16_fits",
     "load_parts",
@@ -443,6 +445,25 @@ def load_parts(
 # ---- sampling ------------------------------------------------------------------------------------------------------
 
 
+def edit_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The output (w, h) for an input image of ``width`` × ``height``: the bucket of area ≤ ``size``² whose aspect
+    ratio is closest to the input's (``dataset.bucket_sizes``), up- or downscaled, as training resizes a reference to
+    its target's bucket."""
+    from finetune.dataset import bucket_sizes
+
+    target = math.log(width / height)
+    return min(bucket_sizes(size), key=lambda s: (abs(math.log(s[0] / s[1]) - target), -s[0] * s[1]))
+
+
+def fit_inputs(images: list, size: int) -> list:
+    """Input images for one edit: RGB, scaled to cover the first image's ``edit_size`` and centre-cropped to it
+    (``dataset.load_bucket_image``), every reference at that size as in training."""
+    from PIL import Image, ImageOps
+
+    w, h = edit_size(*images[0].size, size)
+    return [ImageOps.fit(im.convert("RGB"), (w, h), Image.Resampling.LANCZOS) for im in images]
+
+
 def render(
     pipe: Any,
     prompts: list[str],
@@ -450,6 +471,8 @@ def render(
     size: int | tuple[int, int],
     text: Mapping[str, torch.Tensor],
     batch_size: int | None,
+    inputs: list[list] | None = None,
+    input_call: Callable[[list], dict[str, Any]] | None = None,
     **call: Any,
 ) -> list:
     """Render every prompt × seed with ``pipe``, prompt-major: ``[p0s0, p0s1, …, p1s0, …]``, as PIL images.
@@ -458,12 +481,18 @@ def render(
     ``negative_*`` entry holds one row, shared by every image. Start noise comes from a CPU ``torch.Generator`` seeded
     per image, so a seed gives the same noise on any device and in any batch. ``batch_size`` images go through the
     transformer together (default: all seeds of one prompt). ``call`` goes to the pipeline as is (steps, guidance).
+
+    Edits: ``inputs[i]`` are prompt i's input images (PIL). They are fitted to the edit size (``fit_inputs``: their
+    aspect ratio at ``size``'s area), the output takes that size, and ``input_call(images)`` gives the pipeline's
+    arguments for them (``image=...``); a batch then never mixes prompts.
     """
     height, width = (size, size) if isinstance(size, int) else size
     if height % 16 or width % 16 or height <= 0 or width <= 0:
         raise FinetuneError(f"sample size {height}x{width} must be positive multiples of 16 (VAE ×8, 2×2 packing)")
     if not prompts or not seeds:
         return []
+    if inputs is not None and (len(inputs) != len(prompts) or not all(inputs) or input_call is None):
+        raise ValueError(f"inputs: need a non-empty list of images for each of the {len(prompts)} prompts")
     transformer = pipe.transformer
     for name, tensor in text.items():
         rows = 1 if name.startswith("negative_") else len(prompts)
@@ -473,21 +502,29 @@ def render(
 
     jobs = [(i, seed) for i in range(len(prompts)) for seed in seeds]
     batch_size = batch_size or len(seeds)
+    # an edit's batch holds one prompt's seeds: its inputs and output size are that prompt's
+    groups = [jobs[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(prompts))] if inputs else [jobs]
+    fitted = [fit_inputs(images, math.isqrt(height * width)) for images in inputs] if inputs else []
     pipe.set_progress_bar_config(disable=True)
     images: list = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        index = torch.tensor([i for i, _ in chunk], device=transformer.device)
-        embeds = {
-            k: v.expand(len(chunk), *v.shape[1:]) if k.startswith("negative_") else v[index] for k, v in text.items()
-        }
-        out = pipe(
-            **embeds,
-            height=height,
-            width=width,
-            generator=[torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk],
-            output_type="pil",
-            **call,
-        )
-        images.extend(out.images)
+    for group in groups:
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            index = torch.tensor([i for i, _ in chunk], device=transformer.device)
+            embeds = {
+                k: v.expand(len(chunk), *v.shape[1:]) if k.startswith("negative_") else v[index]
+                for k, v in text.items()
+            }
+            edit: dict[str, Any] = {}
+            if inputs:
+                refs = fitted[chunk[0][0]]
+                edit = {**input_call(refs), "width": refs[0].width, "height": refs[0].height}
+            out = pipe(
+                **embeds,
+                **({"height": height, "width": width} | edit),
+                generator=[torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk],
+                output_type="pil",
+                **call,
+            )
+            images.extend(out.images)
     return images

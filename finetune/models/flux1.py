@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ __all__ = [
     "is_schnell",
     "latent_image_ids",
     "load_components",
+    "load_flux1_parts",
     "load_pipeline",
     "max_sequence_length",
     "normalize_latents",
@@ -69,6 +71,7 @@ __all__ = [
     "save_preset",
     "text_bytes",
     "text_ids",
+    "transformer_call",
     "transformer_gib",
     "unpack_latents",
 ]
@@ -85,8 +88,11 @@ EXAMPLE = "black-forest-labs/FLUX.1-dev"
 TEXT_PARTS = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled) and T5-XXL (hidden states)
 TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 LORA_ALPHA_KEYS = True  # .alpha tensors: ComfyUI applies alpha/rank from them (diffusers reads them too)
-REFERENCES = False  # edit pairs (FLUX.1 Kontext) are not supported yet
-EDIT_PAIRS_UNSUPPORTED = "edit pairs train on FLUX.2 [klein]/[dev]; FLUX.1 Kontext is not supported yet"
+MAX_REFERENCES = 0  # no edit pairs: those train on FLUX.1 Kontext (models/kontext.py)
+EDIT_PAIRS_UNSUPPORTED = (
+    "FLUX.1 [dev]/[schnell] takes no reference images; edit pairs train on FLUX.1 Kontext "
+    "(black-forest-labs/FLUX.1-Kontext-dev) or FLUX.2 [klein]/[dev]"
+)
 TRUE_CFG = False  # guidance-distilled (dev) or timestep-distilled (schnell): no negative prompt when sampling
 PRESET_NAMES = ("tiny", "small")
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -365,6 +371,22 @@ def load_components(
     Raises:
         FinetuneError: unknown part or preset, missing folder, or weights that cannot be had (with how to get them).
     """
+    return load_flux1_parts(base_model, dtype=dtype, device=device, parts=parts, quantize=quantize, build=build_preset)
+
+
+def load_flux1_parts(
+    base_model: str,
+    *,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+    parts: tuple[str, ...],
+    quantize: str | None,
+    build: Callable[[str], FluxComponents],
+    example: str = EXAMPLE,
+    pipeline: str = "FluxPipeline",
+) -> FluxComponents:
+    """``load_components`` for any pipeline of FLUX.1's parts (FLUX.1 Kontext loads the same, models/kontext.py):
+    ``build`` makes a preset; ``example`` (a hub id) and ``pipeline`` (its class) go into error messages."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise FinetuneError(f"unknown FLUX part(s) {unknown}; choose from {', '.join(PARTS)}")
@@ -378,12 +400,12 @@ def load_components(
         base_model,
         tuple(p for p in PARTS if p in wanted),
         default_classes=_CLASSES,
-        build_preset=lambda name: vars(build_preset(name)),
+        build_preset=lambda name: vars(build(name)),
         dtype=dtype,
         device=device,
         quantize=quantize,
-        example=EXAMPLE,
-        pipeline="FluxPipeline",
+        example=example,
+        pipeline=pipeline,
         layout="model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/",
     )
     return FluxComponents(**loaded)
@@ -498,7 +520,7 @@ def image_seq_len(latent_shape: tuple[int, ...]) -> int:
 
 
 def reference_ids(latent_shape: tuple[int, ...], index: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
-    """FLUX.1 takes no reference images (Kontext is not supported yet)."""
+    """FLUX.1 [dev]/[schnell] takes no reference images (``kontext.reference_ids`` does)."""
     raise FinetuneError(EDIT_PAIRS_UNSUPPORTED)
 
 
@@ -518,15 +540,28 @@ def predict(
     references: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The transformer's velocity for noisy latents [B, 16, h, w] at ``sigmas`` [B], packed [B, tokens, 64], called
-    as ``FluxPipeline`` calls it: timestep = σ (the model scales by 1000), guidance embedded when given. FLUX.1 takes
-    no reference images (Kontext is not supported yet)."""
+    as ``FluxPipeline`` calls it: timestep = σ (the model scales by 1000), guidance embedded when given. FLUX.1
+    [dev]/[schnell] takes no reference images (``kontext.predict`` does)."""
     if references:
         raise FinetuneError(EDIT_PAIRS_UNSUPPORTED)
+    return transformer_call(model, pack_latents(noisy), sigmas, text, img_ids, txt_ids, guidance)
+
+
+def transformer_call(
+    model: Any,
+    hidden: torch.Tensor,
+    sigmas: torch.Tensor,
+    text: dict[str, torch.Tensor],
+    img_ids: torch.Tensor,
+    txt_ids: torch.Tensor,
+    guidance: float | None,
+) -> torch.Tensor:
+    """One ``FluxTransformer2DModel`` call on packed tokens [B, tokens, 64], as ``FluxPipeline`` makes it."""
     return model(
-        hidden_states=pack_latents(noisy),
+        hidden_states=hidden,
         encoder_hidden_states=text["prompt_embeds"],
         pooled_projections=text["pooled_prompt_embeds"],
-        timestep=sigmas.to(noisy.dtype),
+        timestep=sigmas.to(hidden.dtype),
         img_ids=img_ids,
         txt_ids=txt_ids,
         guidance=None if guidance is None else torch.full_like(sigmas, guidance),
@@ -549,13 +584,16 @@ def sample_images(
     negative_text: dict[str, torch.Tensor] | None = None,
     max_sequence_length: int | None = None,
     batch_size: int | None = None,
+    inputs: list[list[Image.Image]] | None = None,
 ) -> list[Image.Image]:
     """Render every prompt × seed, prompt-major: ``[p0s0, p0s1, …, p1s0, …]`` (see ``common.render``).
 
     ``text`` (``encode_prompts`` of ``prompts``) skips the text encoders; ``negative_text`` is unused (FLUX.1-dev
     is guidance-distilled: no negative prompt). ``max_sequence_length`` defaults to 256 for schnell (no guidance
-    embedding) and 512 otherwise.
+    embedding) and 512 otherwise. ``inputs`` (edits) are refused: FLUX.1 takes no reference images.
     """
+    if inputs:
+        raise FinetuneError(EDIT_PAIRS_UNSUPPORTED, EXIT_USAGE)
     if text is None and prompts and seeds:
         if max_sequence_length is None:
             max_sequence_length = 512 if pipe.transformer.config.guidance_embeds else 256

@@ -78,7 +78,7 @@ PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TEXT_PARTS = ("text_encoder",)
 TEXT_KEYS = ("prompt_embeds",)
 LORA_ALPHA_KEYS = False  # diffusers refuses .alpha keys for FLUX.2; its adapter metadata carries alpha
-REFERENCES = True  # edit pairs: reference tokens after the noisy ones, reference i at T = 10·(i + 1)
+MAX_REFERENCES = 10  # edit pairs: reference tokens after the noisy ones, reference i at T = 10·(i + 1)
 TRUE_CFG = True  # [klein] base samples with CFG against the empty prompt; [dev] ignores the negative
 MAX_SEQUENCE_LENGTH = 512  # both pipelines' tokenizer_max_length
 KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline.encode_prompt text_encoder_out_layers
@@ -458,10 +458,12 @@ def sample_images(
     negative_text: dict[str, torch.Tensor] | None = None,
     max_sequence_length: int | None = None,
     batch_size: int | None = None,
+    inputs: list[list[Image.Image]] | None = None,
 ) -> list[Image.Image]:
     """Render every prompt × seed, prompt-major (see ``common.render``). ``text``/``negative_text``
     (``encode_prompts`` of ``prompts`` and of ``""``) skip the text encoder; [klein] applies CFG with
-    ``negative_text`` when ``guidance`` > 1, [dev] embeds ``guidance``."""
+    ``negative_text`` when ``guidance`` > 1, [dev] embeds ``guidance``. ``inputs[i]``: prompt i's reference images
+    (edits), passed as the pipeline's ``image`` list (reference i at T = 10·(i + 1))."""
     if prompts and seeds and (text is None or (negative_text is None and _needs_negative(pipe, guidance))):
         components = Flux2Components(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         seq = max_sequence_length or MAX_SEQUENCE_LENGTH
@@ -470,7 +472,18 @@ def sample_images(
     embeds = {"prompt_embeds": text["prompt_embeds"]} if text is not None else {}
     if _needs_negative(pipe, guidance):
         embeds["negative_prompt_embeds"] = negative_text["prompt_embeds"]
-    return render(pipe, prompts, seeds, size, embeds, batch_size, num_inference_steps=steps, guidance_scale=guidance)
+    return render(
+        pipe,
+        prompts,
+        seeds,
+        size,
+        embeds,
+        batch_size,
+        inputs,
+        lambda refs: {"image": refs},
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+    )
 
 
 def _needs_negative(pipe: Any, guidance: float) -> bool:

@@ -71,10 +71,17 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     if dropout is not None and "train.caption_dropout" not in cfg.explicit:  # recorded in the run's config
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, caption_dropout=dropout))
     dataset = read_dataset(cfg.dataset, cfg.trigger_word)
-    if any(item.references for item in dataset.items) and not family.REFERENCES:
+    references = max((len(item.references) for item in dataset.items), default=0)
+    if references > family.MAX_REFERENCES:
+        takes = (
+            f"takes {family.MAX_REFERENCES} reference image(s) per edit"
+            if family.MAX_REFERENCES
+            else "trains no edits"
+        )
         raise FinetuneError(
-            f"dataset {dataset.path} holds edit pairs and base_model {cfg.base_model} is {family.LABEL}: edit pairs "
-            "train on FLUX.2 [klein]/[dev]; FLUX.1 Kontext is not supported yet"
+            f"dataset {dataset.path} holds edit pairs with {references} reference image(s) and base_model "
+            f"{cfg.base_model} is {family.LABEL}, which {takes}: edit pairs train on FLUX.1 Kontext (one reference) "
+            "or FLUX.2 [klein]/[dev] (up to 10)"
         )
     cpu = models.resolve_device(cfg.train.device).type == "cpu"
     processes = PartialState(cpu=cpu)  # joins `accelerate launch` / torchrun process groups

@@ -33,12 +33,14 @@ def test_every_family_module_implements_the_whole_interface(name):
     [
         ("preset:tiny", "flux1"),
         ("preset:small", "flux1"),
+        ("preset:kontext-tiny", "kontext"),
         ("preset:flux2-tiny", "flux2"),
         ("preset:flux2-small", "flux2"),
         ("preset:flux2-dev-tiny", "flux2"),
         ("black-forest-labs/FLUX.1-dev", "flux1"),
         ("black-forest-labs/FLUX.1-schnell", "flux1"),
         ("black-forest-labs/FLUX.1-Krea-dev", "flux1"),
+        ("black-forest-labs/FLUX.1-Kontext-dev", "kontext"),
         ("black-forest-labs/FLUX.2-dev", "flux2"),
         ("black-forest-labs/FLUX.2-klein-base-4B", "flux2"),
         ("black-forest-labs/FLUX.2-klein-base-9B", "flux2"),
@@ -50,7 +52,12 @@ def test_family_of_presets_and_hub_ids(base_model, family):
 
 @pytest.mark.parametrize(
     "class_name, family",
-    [("FluxPipeline", "flux1"), ("Flux2Pipeline", "flux2"), ("Flux2KleinPipeline", "flux2")],
+    [
+        ("FluxPipeline", "flux1"),
+        ("FluxKontextPipeline", "kontext"),
+        ("Flux2Pipeline", "flux2"),
+        ("Flux2KleinPipeline", "flux2"),
+    ],
 )
 def test_family_of_a_folder_comes_from_model_index(tmp_path, class_name, family):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
