@@ -521,10 +521,9 @@ def render(
                 edit = {**input_call(refs), "width": refs[0].width, "height": refs[0].height}
             out = pipe(
                 **embeds,
-                **({"height": height, "width": width} | edit),
+                **({"height": height, "width": width} | call | edit),
                 generator=[torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk],
                 output_type="pil",
-                **call,
             )
             images.extend(out.images)
     return images

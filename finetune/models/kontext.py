@@ -255,6 +255,8 @@ def sample_images(
     if text is None and prompts and seeds:
         components = FluxComponents(**{f.name: getattr(pipe, f.name, None) for f in fields(FluxComponents)})
         text = encode_prompts(components, prompts, max_sequence_length or MAX_SEQUENCE_LENGTH)
+    height, width = (size, size) if isinstance(size, int) else size
+    # max_area: the pipeline rescales every output to this area (default 1024²) at the requested aspect ratio
     return render(
         pipe,
         prompts,
@@ -263,7 +265,8 @@ def sample_images(
         text or {},
         batch_size,
         inputs,
-        lambda images: {"image": images[0], "_auto_resize": False},
+        lambda images: {"image": images[0], "_auto_resize": False, "max_area": images[0].width * images[0].height},
         num_inference_steps=steps,
         guidance_scale=guidance,
+        max_area=height * width,
     )

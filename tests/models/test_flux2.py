@@ -254,3 +254,25 @@ def test_reference_latents_ids_and_one_call_with_references_equal_the_pipeline(k
     torch.testing.assert_close(torch.cat([img_ids.long(), our_ids]), kwargs["img_ids"][0], rtol=0, atol=0)
     without = flux2.predict(pipe.transformer, noisy, kwargs["timestep"], text, img_ids, txt_ids, None)
     assert not torch.allclose(without, pred, atol=1e-3)  # the references matter to the prediction
+
+
+def test_sample_images_with_inputs_equal_the_pipeline_called_on_the_fitted_references(klein_dir):
+    """``sample_images(inputs=)`` renders each prompt on its references (fitted to the first one's aspect ratio at the
+    sample size's area) exactly as ``Flux2KleinPipeline`` does when given them as ``image=``."""
+    import numpy as np
+    from conftest import synthetic_image
+
+    from finetune.models import common
+
+    pipe = _pipeline(klein_dir)
+    refs = [synthetic_image(1, 60, 120), synthetic_image(2, 50, 50)]
+    images = flux2.sample_images(pipe, PROMPTS[:1], [3], steps=2, size=128, guidance=1.0, inputs=[refs])
+    w, h = common.edit_size(60, 120, 128)  # the pipeline wants references of 64 px and more
+    assert len(images) == 1 and images[0].size == (w, h) and h > w
+    fitted = common.fit_inputs(refs, 128)
+    assert [im.size for im in fitted] == [(w, h), (w, h)]
+    direct = pipe(prompt=PROMPTS[0], image=fitted, height=h, width=w, num_inference_steps=2, guidance_scale=1.0,
+                  generator=torch.Generator("cpu").manual_seed(3)).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(images[0]), np.asarray(direct))
+    plain = flux2.sample_images(pipe, PROMPTS[:1], [3], steps=2, size=(h, w), guidance=1.0)[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(direct))  # the references change the image
