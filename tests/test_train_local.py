@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections import namedtuple
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import yaml
 from conftest import write_dataset_zip
 from safetensors.torch import load_file
 
+from finetune import models
 from finetune.config import ConfigError, parse_config
 from finetune.errors import FinetuneError
 from finetune.lora import load_lora_file
@@ -634,12 +637,40 @@ def test_an_edit_pair_zip_trains_resumes_bitwise_and_its_lora_loads_in_the_klein
     assert resumed.id == full.id
     assert (work / "b" / "lora.safetensors").read_bytes() == (work / "a" / "lora.safetensors").read_bytes()
 
-    tensors, _ = load_lora_file(full.lora_path)
     pipe = flux2.pipeline_from_components(flux2.build_preset("flux2-tiny"))
     assert isinstance(pipe, Flux2KleinPipeline)
-    pipe.load_lora_weights(str(full.lora_path))
+    _assert_edit_lora_loads_and_equals_the_trained_model(flux2, "flux2-tiny", pipe, full.lora_path, 4, 8)
+
+
+def _assert_edit_lora_loads_and_equals_the_trained_model(family, preset, pipe, path, rank, alpha):
+    """The pipeline's ``load_lora_weights`` consumes every key of the registered file, and its transformer with the
+    LoRA predicts what the trained model (a fresh preset + our LoRA with the file's weights) predicts for a noisy
+    latent with a reference after it."""
+    from finetune import lora
+
+    tensors, _ = load_lora_file(path)
+    pipe.load_lora_weights(str(path))
     loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
-    assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors} == loaded  # every key consumed
+    modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors if not k.endswith(".alpha")}
+    assert modules == loaded  # every module's weights consumed (FLUX.1's .alpha keys set their scale)
+    trained = family.build_preset(preset).transformer
+    lora.add_lora(trained, rank=rank, alpha=alpha, targets="all-linear", dropout=0.0, seed=0)
+    lora.set_lora_state(trained, {k: v.float() for k, v in tensors.items()})
+    pipe.transformer.float()
+    channels = trained.config.in_channels // (4 if family.NAME == "kontext" else 1)  # Kontext packs 2×2 cells
+    g = torch.Generator().manual_seed(0)
+    noisy, reference = torch.randn(1, channels, 4, 6, generator=g), torch.randn(1, channels, 4, 6, generator=g)
+    text = {"prompt_embeds": torch.randn(1, 16, trained.config.joint_attention_dim, generator=g)}
+    if family.NAME == "kontext":
+        text["pooled_prompt_embeds"] = torch.randn(1, trained.config.pooled_projection_dim, generator=g)
+    guidance = 2.5 if trained.config.guidance_embeds else None
+    call = (torch.tensor([0.5]), text, family.image_ids(noisy.shape, "cpu", torch.float32))
+    call += (family.text_ids(16, "cpu", torch.float32), guidance, [reference])
+    with torch.no_grad():
+        ours, theirs = family.predict(trained, noisy, *call), family.predict(pipe.transformer, noisy, *call)
+        base = family.predict(family.build_preset(preset).transformer, noisy, *call)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert float((ours - base).abs().max()) > 1e-3  # the LoRA changes the output, far above the tolerance
 
 
 def test_a_batch_of_two_pairs_gives_every_sample_reference_i_the_time_offset_10_i(work, pair_zip, monkeypatch):
@@ -677,7 +708,128 @@ def test_a_batch_of_two_pairs_gives_every_sample_reference_i_the_time_offset_10_
     torch.testing.assert_close(ids[0, tokens : 2 * tokens], first, rtol=0, atol=0)
 
 
-def test_an_edit_pair_zip_on_flux1_is_refused_before_work(work, pair_zip, finetune_home):
-    with pytest.raises(FinetuneError, match=r"edit pairs train on FLUX.2 \[klein\]/\[dev\]; FLUX.1 Kontext is not"):
-        train(parse_config(tiny_config(pair_zip, "preset:tiny")))
+@pytest.mark.parametrize(
+    "base, message",
+    [
+        (
+            "preset:tiny",
+            r"FLUX.1 \[dev\], \[schnell\], Krea, which trains no edits: edit pairs train on FLUX.1 Kontext",
+        ),
+        ("preset:kontext-tiny", r"2 reference image\(s\) .* Kontext \[dev\], which takes 1 reference image\(s\)"),
+    ],
+)
+def test_an_edit_pair_zip_the_base_cannot_take_is_refused_before_work(work, pair_zip, finetune_home, base, message):
+    with pytest.raises(FinetuneError, match=message):
+        train(parse_config(tiny_config(pair_zip, base)))
     _nothing_written(work, finetune_home)
+
+
+# ---- edit pairs on FLUX.1 Kontext (issue 12) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kontext_pair_zip(tmp_path_factory) -> Path:
+    """Three edit pairs with one reference each (Kontext takes one), made by `finetune prepare`."""
+    from prepare_fixtures import write_pair_layouts
+
+    from finetune.recipes.prepare import prepare
+
+    root = tmp_path_factory.mktemp("kontext-pairs")
+    layouts = write_pair_layouts(root, count=3, references=1)
+    out = root / "pairs.zip"
+    prepare([layouts["start-end"]], out, "TOK", max_side=64, min_side=32, progress=False, workers=1)
+    return out
+
+
+def test_a_kontext_pair_zip_trains_samples_its_held_out_pair_resumes_bitwise_and_loads_in_the_pipeline(
+    work, kontext_pair_zip
+):
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    from finetune.models import kontext
+
+    def config(**keys):
+        data = tiny_config(kontext_pair_zip, "preset:kontext-tiny", save_every=3, **keys)
+        sample = {"every": 3, "seeds": [1, 2], "steps": 2, "size": 64, "inputs": ["dataset:pair2"]}
+        return parse_config({**data, "lora": {"rank": 4, "alpha": 8, "save_dtype": "float32"}, "sample": sample})
+
+    full = train(config(output_dir=str(work / "a")))
+    assert Registry().resolve("me/tok").id == full.id and full.lineage["family"] == "kontext"
+    assert "2 images" in (work / "a" / "train.log").read_text()  # pair2 is held out of training
+    step0 = work / "a" / "samples" / "step-000000"
+    input_image, outputs = (
+        Image.open(step0 / "prompt0-input.png"),
+        [Image.open(step0 / f"prompt0-seed{s}.png") for s in (1, 2)],
+    )
+    assert input_image.size == outputs[0].size == outputs[1].size  # the input fitted to the output's size
+    grid = Image.open(step0 / "grid.png")
+    assert grid.size == (3 * input_image.width, input_image.height)  # input → seed 1 → seed 2
+    assert np.array_equal(np.asarray(grid)[:, : input_image.width], np.asarray(input_image))
+    assert (work / "a" / "samples" / "step-000003" / "grid.png").is_file()
+
+    shutil.copytree(work / "a", work / "b")  # a copy that stopped after its step-3 checkpoint
+    shutil.rmtree(work / "b" / "checkpoints" / "step-000006")
+    (work / "b" / "lora.safetensors").unlink()
+    resumed = train(config(output_dir=str(work / "b")), resume=True)
+    assert resumed.id == full.id
+    assert (work / "b" / "lora.safetensors").read_bytes() == (work / "a" / "lora.safetensors").read_bytes()
+
+    pipe = kontext.pipeline_from_components(kontext.build_preset("kontext-tiny"))
+    assert isinstance(pipe, FluxKontextPipeline)
+    _assert_edit_lora_loads_and_equals_the_trained_model(kontext, "kontext-tiny", pipe, full.lora_path, 4, 8)
+
+
+@pytest.mark.parametrize(
+    "sample, message",
+    [
+        (
+            {"inputs": ["dataset:pair9"]},
+            r"sample.inputs: 'dataset:pair9': .* has no pair 'pair9' \(its pairs: .*pair0, pair1",
+        ),
+        ({"inputs": ["in.png"]}, "an image path needs its instruction: set sample.prompts"),
+        ({"inputs": ["in.png"], "prompts": ["a", "b"]}, r"1 input\(s\) but 2 sample.prompts"),
+        ({"inputs": ["missing.png"], "prompts": ["a"]}, "cannot read missing.png as an image"),
+        (
+            {"inputs": ["dataset:pair0", "dataset:pair1", "dataset:pair2"]},
+            "every pair of the dataset is held out",
+        ),
+    ],
+)
+def test_bad_sample_inputs_fail_before_work(work, kontext_pair_zip, finetune_home, sample, message):
+    data = tiny_config(kontext_pair_zip, "preset:kontext-tiny")
+    with pytest.raises(FinetuneError, match=message) as info:
+        train(parse_config({**data, "sample": {"every": 2, **sample}}))
+    assert info.value.exit_code in (1, 2)
+    _nothing_written(work, finetune_home)
+
+
+def test_sample_inputs_on_flux1_are_refused(work, dataset_zip, finetune_home):
+    data = tiny_config(dataset_zip)
+    with pytest.raises(FinetuneError, match="takes no input images"):
+        train(parse_config({**data, "sample": {"every": 2, "inputs": ["x.png"], "prompts": ["a"]}}))
+    _nothing_written(work, finetune_home)
+
+
+def test_a_pair_zip_without_sample_inputs_samples_its_first_two_pairs_on_flux2(work, pair_zip):
+    """No sample.inputs and no sample.prompts: the first two pairs' references (two each) and instructions, kept in
+    training; the grid row is input, second reference, then the output."""
+    from PIL import Image
+
+    from finetune.dataset import read_dataset
+
+    data = tiny_config(pair_zip, "preset:flux2-tiny", steps=1, output_dir=str(work / "run"))
+    train(parse_config({**data, "sample": {"every": 1, "seeds": [5], "steps": 1, "size": 64}}))
+    assert "3 images" in (work / "run" / "train.log").read_text()  # nothing held out
+    folder = work / "run" / "samples" / "step-000000"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "grid.png",
+        *[f"prompt{p}-{kind}.png" for p in (0, 1) for kind in ("input", "input_2", "seed5")],
+    ]
+    output = Image.open(folder / "prompt0-seed5.png")
+    assert Image.open(folder / "grid.png").size == (3 * output.width, 2 * output.height)
+    items = read_dataset(pair_zip, "TOK").items
+    with zipfile.ZipFile(pair_zip) as zf:
+        first = Image.open(io.BytesIO(zf.read(items[0].references[1].name))).convert("RGB")
+    fitted = models.fit_inputs([first], 64)[0]
+    assert np.array_equal(np.asarray(Image.open(folder / "prompt0-input_2.png")), np.asarray(fitted))

@@ -27,6 +27,7 @@ __all__ = [
     "family_for",
     "family_module",
     "family_name",
+    "fit_inputs",
     "preset_names",
     "resolve_device",
     "resolve_dtype",
@@ -186,6 +187,13 @@ def resolve_quantize(name: str, device: Any, setting: str = "train.quantize", *,
     from finetune.models.common import resolve_quantize
 
     return resolve_quantize(name, device, setting, weights_gib=weights_gib)
+
+
+def fit_inputs(images: list, size: int) -> list:
+    """See ``common.fit_inputs``: an edit's input images at the size the model sees them."""
+    from finetune.models.common import fit_inputs
+
+    return fit_inputs(images, size)
 
 
 def family_for(base_model: str) -> Family:

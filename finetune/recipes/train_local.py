@@ -19,6 +19,7 @@ import functools
 import gc
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import netrc
@@ -29,6 +30,7 @@ import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +41,8 @@ from tqdm.auto import tqdm
 
 from finetune import cache, checkpoint, flow, fused_lora, lora, models, optim
 from finetune.config import Config, config_to_dict, dump_config
-from finetune.dataset import BatchOrder, assign_buckets, load_bucket_image, read_dataset, sample_seed
-from finetune.errors import EXIT_FAILURE, FinetuneError
+from finetune.dataset import BatchOrder, Dataset, Item, assign_buckets, load_bucket_image, read_dataset, sample_seed
+from finetune.errors import EXIT_FAILURE, EXIT_USAGE, FinetuneError
 from finetune.registry import Registry, Version
 
 __all__ = ["train"]
@@ -83,6 +85,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             f"{cfg.base_model} is {family.LABEL}, which {takes}: edit pairs train on FLUX.1 Kontext (one reference) "
             "or FLUX.2 [klein]/[dev] (up to 10)"
         )
+    dataset, sample_prompts, sample_inputs = _sample_inputs(cfg, family, dataset)
     cpu = models.resolve_device(cfg.train.device).type == "cpu"
     processes = PartialState(cpu=cpu)  # joins `accelerate launch` / torchrun process groups
     device, main = processes.device, processes.is_main_process
@@ -132,7 +135,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     c = family.load_components(cfg.base_model, dtype=dtype, device=device, parts=("vae",))
     vae_scale = family.vae_scale_factor(c.vae)
     entries = assign_buckets(dataset.items, cfg.train.resolution, multiple=2 * vae_scale)
-    prompts = [p.replace("[trigger]", cfg.trigger_word) for p in cfg.sample.prompts]
+    prompts = [p.replace("[trigger]", cfg.trigger_word) for p in sample_prompts]
     texts = sorted({item.caption for item in dataset.items} | {""} | set(prompts))
 
     # ---- cache: built once by the main process, keyed by content and settings, read by every process ------------
@@ -165,7 +168,8 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     normalized = {k: family.normalize_latents(m.float()[None], c.vae)[0] for k, m in means.items()}
     references = [[normalized[k] for k in keys] for keys in ref_keys]  # [C, h, w] per entry and reference
     text = {t: cache.read_tensors(cache.text_file(cache_dir, k)) for t, k in text_keys.items()}
-    c.vae.encoder = None  # only the decoder is needed from here on (samples)
+    if not sample_inputs:  # only the decoder is needed from here on (samples); edit samples encode their inputs
+        c.vae.encoder = None
     gc.collect()
     cache_s = time.perf_counter() - t_cache
     if main:  # the run folder appears only once the inputs have passed every check
@@ -243,7 +247,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     guidance = cfg.train.guidance if getattr(transformer.config, "guidance_embeds", False) else None  # dev only
     batch = _Batches(cfg, family, entries, latents, references, text, dataset.items, c.vae, accelerator, dtype)
     val = _validation_batch(cfg, family, entries, latents, references, text, dataset.items, c.vae, device, dtype)
-    sampling = _sampling(cfg, family, c, transformer, text, prompts) if main or sharded else None
+    sampling = _sampling(cfg, family, c, transformer, text, prompts, sample_inputs) if main or sharded else None
     if sampling is not None and cfg.sample.preview_model:
         weights = lora.lora_state_dict(transformer)  # under FSDP every process takes part in gathering the shards
         if main:
@@ -553,12 +557,104 @@ def _validation_batch(cfg, family, entries, latents, references, text, items, va
     return out
 
 
-def _sampling(cfg, family, c, transformer, text, prompts) -> dict | None:
+def _sample_inputs(cfg: Config, family, dataset) -> tuple[Dataset, list[str], list[list] | None]:
+    """The dataset to train on, the sample prompts and their input images (edits; None: text-to-image samples).
+
+    ``sample.inputs`` entries are image paths (their instructions are ``sample.prompts``, in order) or
+    ``dataset:<stem>``: that pair is held out of training and its references are the input, its instruction the prompt
+    (unless ``sample.prompts`` is set). With no ``sample.inputs`` and no ``sample.prompts``, a pair zip samples its
+    first two pairs (kept in training). Everything is checked here, before any model loads.
+
+    Raises:
+        FinetuneError: inputs for a family that takes none, an unknown stem or unreadable file, a count that does not
+            match ``sample.prompts``, or no pair left to train on.
+    """
+    from PIL import Image
+
+    explicit = "sample.prompts" in cfg.explicit
+    pairs = any(item.references for item in dataset.items)
+    if not cfg.sample.inputs:
+        if not pairs or explicit or not family.MAX_REFERENCES:
+            return dataset, list(cfg.sample.prompts), None
+        chosen, held = list(dataset.items[:2]), set()
+    else:
+        if not family.MAX_REFERENCES:
+            raise FinetuneError(
+                f"sample.inputs: {cfg.base_model} is {family.LABEL}, which takes no input images; sample inputs are "
+                "for edit LoRAs (FLUX.1 Kontext, FLUX.2). Remove the key.",
+                EXIT_USAGE,
+            )
+        by_stem = _pairs_by_stem(dataset)
+        chosen, held = [], set()
+        for entry in cfg.sample.inputs:
+            if entry.startswith("dataset:"):
+                stem = entry.removeprefix("dataset:")
+                if stem not in by_stem:
+                    known = ", ".join(sorted(by_stem)[:6]) or "none: it holds single images, not pairs"
+                    raise FinetuneError(
+                        f"sample.inputs: {entry!r}: {dataset.path} has no pair {stem!r} (its pairs: {known})",
+                        EXIT_USAGE,
+                    )
+                chosen.append(by_stem[stem])
+                held.add(by_stem[stem].name)
+            else:
+                chosen.append(Path(entry).expanduser())
+        if not explicit and any(isinstance(c, Path) for c in chosen):
+            raise FinetuneError(
+                "sample.inputs: an image path needs its instruction: set sample.prompts, one per input, in order",
+                EXIT_USAGE,
+            )
+    if explicit and len(cfg.sample.prompts) != len(chosen):
+        raise FinetuneError(
+            f"sample.inputs: {len(chosen)} input(s) but {len(cfg.sample.prompts)} sample.prompts; give one prompt "
+            "per input, in order",
+            EXIT_USAGE,
+        )
+    inputs = []
+    with zipfile.ZipFile(dataset.path) as zf:
+        for choice in chosen:
+            try:
+                if isinstance(choice, Path):
+                    with Image.open(choice) as im:
+                        inputs.append([im.convert("RGB")])
+                else:
+                    inputs.append([Image.open(io.BytesIO(zf.read(r.name))).convert("RGB") for r in choice.references])
+            except (OSError, ValueError) as e:
+                raise FinetuneError(f"sample.inputs: cannot read {choice} as an image ({e})", EXIT_USAGE) from e
+    if len(inputs[0]) > family.MAX_REFERENCES or any(len(i) != len(inputs[0]) for i in inputs):
+        raise FinetuneError(
+            f"sample.inputs: every sample needs the same number of input images, at most {family.MAX_REFERENCES} "
+            f"for {family.LABEL}; got {[len(i) for i in inputs]}",
+            EXIT_USAGE,
+        )
+    prompts = list(cfg.sample.prompts) if explicit else [c.caption for c in chosen]
+    kept = tuple(item for item in dataset.items if item.name not in held)
+    if not kept:
+        raise FinetuneError("sample.inputs: every pair of the dataset is held out; keep at least one to train on")
+    return dataclasses.replace(dataset, items=kept), prompts, inputs
+
+
+def _pairs_by_stem(dataset: Dataset) -> dict[str, Item]:
+    """The pairs of a pair zip by stem: its own (``<stem>_end.png``, a content hash after `finetune prepare`) and the
+    one it was prepared from (``metadata.jsonl`` ``source``: ``pair1`` for ``photos/pair1_end.jpg``)."""
+    pairs = {item.name: item for item in dataset.items if item.references}
+    by_stem = {name.rsplit(".", 1)[0].removesuffix("_end"): item for name, item in pairs.items()}
+    with zipfile.ZipFile(dataset.path) as zf:
+        lines = zf.read("metadata.jsonl").decode().splitlines() if "metadata.jsonl" in zf.namelist() else []
+    for line in lines:
+        row = json.loads(line) if line.strip() else {}
+        if row.get("file_name") in pairs and isinstance(row.get("source"), str):
+            by_stem.setdefault(Path(row["source"]).stem.removesuffix("_end"), pairs[row["file_name"]])
+    return by_stem
+
+
+def _sampling(cfg, family, c, transformer, text, prompts, inputs) -> dict | None:
     if not cfg.sample.every or not prompts or not cfg.sample.seeds:
         return None
     defaults = family.default_sampling(cfg.base_model)
     return {
         "pipe": family.sampling_pipeline(transformer, c.vae, c.scheduler),
+        "inputs": inputs,
         "prompts": prompts,
         "steps": cfg.sample.steps or defaults["steps"],
         "size": cfg.sample.size or defaults["size"],
@@ -612,6 +708,7 @@ def _evaluate(cfg, family, step, transformer, val, guidance, sampling, run_dir, 
             size=sampling["size"],
             text=sampling["text"],
             negative_text=sampling["negative_text"],
+            inputs=sampling["inputs"],
         )
         images = render(sampling["pipe"], steps=sampling["steps"], guidance=sampling["guidance"])
         weights = lora.lora_state_dict(transformer) if cfg.sample.preview_model else None  # all processes: FSDP
@@ -628,9 +725,17 @@ def _evaluate(cfg, family, step, transformer, val, guidance, sampling, run_dir, 
         folder.mkdir(parents=True, exist_ok=True)
         jobs = [(p, s) for p in range(len(sampling["prompts"])) for s in cfg.sample.seeds]
         by_prompt: dict[str, list] = {}
+        if sampling["inputs"]:  # edits: each row starts with its input, as the model saw it (input → outputs)
+            for p, refs in enumerate(sampling["inputs"]):
+                fitted = models.fit_inputs(refs, sampling["size"])
+                for i, image in enumerate(fitted):
+                    image.save(folder / f"prompt{p}-input{f'_{i + 1}' if i else ''}.png")
+                by_prompt[f"samples/prompt{p}"] = list(fitted)
         for (p, s), image in zip(jobs, images, strict=True):
             image.save(folder / f"prompt{p}-seed{s}.png")
             by_prompt.setdefault(f"samples/prompt{p}", []).append(image)
+        if sampling["inputs"]:
+            _grid([by_prompt[f"samples/prompt{p}"] for p in range(len(sampling["prompts"]))]).save(folder / "grid.png")
         if preview is not None:
             (folder / "preview").mkdir(exist_ok=True)
             for (p, s), image in zip(jobs, previews, strict=True):
@@ -643,6 +748,22 @@ def _evaluate(cfg, family, step, transformer, val, guidance, sampling, run_dir, 
             else:
                 tracker.log_images(by_prompt, step=step)
     transformer.train()
+
+
+def _grid(rows: list[list]) -> Any:
+    """One image of the rows side by side (an edit sample's input, then its outputs), rows stacked, on white."""
+    from PIL import Image
+
+    width = max(sum(im.width for im in row) for row in rows)
+    grid = Image.new("RGB", (width, sum(max(im.height for im in row) for row in rows)), "white")
+    top = 0
+    for row in rows:
+        left = 0
+        for im in row:
+            grid.paste(im, (left, top))
+            left += im.width
+        top += max(im.height for im in row)
+    return grid
 
 
 def _trackers(cfg: Config, run_dir: Path, ckpt: Path | None) -> list:
