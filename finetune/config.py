@@ -40,6 +40,7 @@ DEFAULT_PROMPTS = (
 )
 SIGMA_SAMPLING_RE = re.compile(r"^(flux_shift|flux2_shift|logit_normal|uniform|shift=\d+(\.\d+)?)$")
 OUTPUT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+INPUT_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a Cog input is a Python parameter name
 
 
 def _meta(doc: str, *, ge: float | None = None, le: float | None = None, pattern: re.Pattern | None = None) -> dict:
@@ -49,6 +50,8 @@ def _meta(doc: str, *, ge: float | None = None, le: float | None = None, pattern
 def _field(default: Any, doc: str, **bounds: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=_meta(doc, **bounds))
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=_meta(doc, **bounds))
     return field(default=default, metadata=_meta(doc, **bounds))
 
 
@@ -143,7 +146,12 @@ class SampleConfig:
 
 @dataclass
 class RemoteConfig:
-    trainer: str = _field("ostris/flux-dev-lora-trainer", "Replicate trainer, owner/name or owner/name:version.")
+    trainer: str = _field(
+        "ostris/flux-dev-lora-trainer",
+        "Replicate trainer, owner/name or owner/name:version. The default trains FLUX.1 [dev]; with a FLUX.1 Kontext "
+        "base it becomes replicate/fast-flux-kontext-trainer. Any other trainer model (your own Cog trainer) gets "
+        "the dataset and remote.inputs only.",
+    )
     destination: str = _field("", "Replicate model that receives the version; empty = the config's output.")
     hardware: str = _field("cpu", "Hardware of the destination model when it is created.")
     hf_repo_id: str = _field("", "Opt in: the trainer pushes the LoRA to this Hugging Face repo (needs HF_TOKEN).")
@@ -151,6 +159,15 @@ class RemoteConfig:
     webhook: str = _field("", "URL Replicate posts training events to.")
     webhook_events: list[str] = _field(
         ["start", "completed"], "Events sent to the webhook: any of start, output, logs, completed."
+    )
+    instruction: str = _field(
+        "",
+        "Kontext trainer: the edit instruction for pairs without <stem>.txt, sent as kontext_prompt_instruction.",
+    )
+    inputs: dict[str, Any] = _field(
+        {},
+        "Extra trainer inputs by name (remote.inputs.NAME=VALUE), checked against the trainer version's "
+        "TrainingInput schema; one that the config also maps replaces the mapped value.",
     )
 
 
@@ -222,11 +239,18 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        return f"mapping of {_type_name(key_tp)} to {_type_name(value_tp)}"
+    if tp is Any:
+        return "any value"
     return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp: Any) -> Any:
     """Convert ``value`` to the declared type ``tp`` or raise ValueError with a short reason."""
+    if tp is Any:  # passed as YAML gave it (remote.inputs values: the trainer's schema checks them)
+        return value
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -250,6 +274,13 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"must be a {_type_name(tp)}")
         return [_coerce(v, item_tp) for v in value]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if value is None:  # `inputs:` with nothing under it
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a {_type_name(tp)}, e.g. {{name: value}}")
+        return {_coerce(k, key_tp): _coerce(v, value_tp) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -357,6 +388,27 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append(f"remote.webhook_events: {bad_events} not allowed; use start, output, logs, completed")
     if cfg.remote.destination and not OUTPUT_RE.match(cfg.remote.destination):
         errors.append(f"remote.destination: {cfg.remote.destination!r} must look like owner/name")
+    if "\n" in cfg.remote.instruction.strip():
+        errors.append("remote.instruction: must be one line (it is the instruction of every uncaptioned pair)")
+    for name, value in cfg.remote.inputs.items():
+        if not INPUT_NAME_RE.match(name):
+            errors.append(f"remote.inputs: {name!r} is not an input name (letters, digits and '_', as Cog names them)")
+        elif not _json_value(value):
+            errors.append(
+                f"remote.inputs.{name}: {value!r} is a {type(value).__name__}, which JSON cannot carry; quote it "
+                "to send it as a string"
+            )
+
+
+def _json_value(value: Any) -> bool:
+    """True for what a JSON request body carries as is (YAML also reads dates and timestamps)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, list):
+        return all(_json_value(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_value(v) for k, v in value.items())
+    return False
 
 
 def _flatten(data: dict, prefix: str = "") -> set[str]:

@@ -1,3 +1,4 @@
+import datetime
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,34 @@ def test_every_shipped_config_loads(path):
 
 def test_configs_folder_is_not_empty():
     assert CONFIGS, "configs/ ships at least one config"
+
+
+def test_remote_inputs_is_a_mapping_set_in_yaml_or_by_dotted_overrides(tmp_path):
+    path = write(tmp_path, "remote:\n  inputs:\n    max_train_steps: 50\n    note: hi\n")
+    cfg = load_config(path, ["remote.inputs.rank=4", "remote.inputs.flag=true", "remote.inputs.sizes=[512, 768]"])
+    assert cfg.remote.inputs == {"max_train_steps": 50, "note": "hi", "rank": 4, "flag": True, "sizes": [512, 768]}
+    assert {"remote.inputs.rank", "remote.inputs.max_train_steps"} <= cfg.explicit
+    assert load_config(write(tmp_path, dump_config(cfg))) == cfg  # round trip
+    assert load_config(write(tmp_path, "remote:\n  inputs:\n")).remote.inputs == {}  # empty: nothing to pass
+    assert Config().remote.inputs == {} and Config().remote.inputs is not Config().remote.inputs
+
+
+def test_remote_inputs_and_instruction_errors_name_the_key():
+    with pytest.raises(ConfigError) as e:
+        parse_config(
+            {
+                "remote": {
+                    "inputs": {"ok": 1, "bad-name": 2, "when": datetime.date(2026, 1, 1)},
+                    "instruction": "two\nlines",
+                }
+            }
+        )
+    errors = e.value.errors
+    assert len(errors) == 3
+    assert any(msg.startswith("remote.inputs: 'bad-name' is not an input name") for msg in errors)
+    assert any(msg.startswith("remote.inputs.when: datetime.date(2026, 1, 1) is a date") for msg in errors)
+    assert any(msg.startswith("remote.instruction: must be one line") for msg in errors)
+    with pytest.raises(ConfigError, match=r"remote.inputs: \[1\] must be a mapping of str to any value"):
+        parse_config({"remote": {"inputs": [1]}})
+    with pytest.raises(ConfigError, match="did you mean 'remote.inputs'"):
+        parse_config({"remote": {"input": {"a": 1}}})
