@@ -40,11 +40,13 @@ EXTRAS = {
 # The base models the plan covers, with the family that trains them (the distilled klein is for inference only).
 BASE_MODELS = (
     ("black-forest-labs/FLUX.1-dev", "FLUX.1 [dev]"),
+    ("black-forest-labs/FLUX.1-Kontext-dev", "FLUX.1 Kontext [dev]"),
     ("black-forest-labs/FLUX.2-klein-base-4B", "FLUX.2 [klein] 4B"),
     ("black-forest-labs/FLUX.2-klein-base-9B", "FLUX.2 [klein] 9B"),
     ("black-forest-labs/FLUX.2-dev", "FLUX.2 [dev]"),
 )
-REMOTE_BASE = "black-forest-labs/FLUX.1-dev"  # what Replicate's trainer trains (recipes/train_remote.py)
+# what Replicate's trainers train (recipes/train_remote.py): ostris/flux-dev-lora-trainer, fast-flux-kontext-trainer
+REMOTE_BASES = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-Kontext-dev")
 GIB = 2**30
 
 
@@ -137,7 +139,7 @@ def plan(gpus: list[dict[str, Any]], sizes: dict[str, float]) -> list[dict[str, 
         weights = sizes[hub_id]
         if not gpus:
             how = "no CUDA GPU here: train on a GPU machine" + (
-                ", or on Replicate (backend: replicate)" if hub_id == REMOTE_BASE else ""
+                ", or on Replicate (backend: replicate)" if hub_id in REMOTE_BASES else ""
             )
             out.append({"base_model": hub_id, "label": label, "fits": "no", "how": how})
             continue

@@ -36,6 +36,13 @@ def _bfl_blocks(family: str) -> dict:
     return models.family_module(family).BFL_BLOCKS
 
 
+def _layout(family: str) -> str:
+    """The family whose BFL names a family's export uses: the first with the same ``BFL_BLOCKS`` (FLUX.1 Kontext's
+    blocks are FLUX.1's, so its LoRAs export exactly as FLUX.1's do)."""
+    blocks = _bfl_blocks(family)
+    return next(f for f in models.FAMILIES if models.family_module(f).BFL_BLOCKS == blocks)
+
+
 def _block_groups(modules: list[str], family: str) -> dict[str, tuple[str, ...]]:
     """BFL module (``double_blocks.0.img_attn.qkv``) → the diffusers modules it fuses, in row order, for every BFL
     module that ``modules`` trains a part of; in block order, then the map's order."""
@@ -57,7 +64,7 @@ def _block_groups(modules: list[str], family: str) -> dict[str, tuple[str, ...]]
 
 
 def lora_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """``flux1`` or ``flux2``: the family whose blocks can place more of the LoRA's modules.
+    """``flux1`` or ``flux2``: the block layout that can place more of the LoRA's modules (Kontext's is ``flux1``).
 
     The names decide almost always: FLUX.2 has ``ff.linear_in`` and ``attn.to_qkv_mlp_proj``, FLUX.1 ``ff.net.*``,
     ``proj_mlp`` and the per-block ``norm*.linear``. Only a LoRA on the double blocks' attention alone fits both; then
@@ -67,7 +74,7 @@ def lora_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | 
     modules = list(modules_of(state_dict, "LoRA file"))
     placed = {
         family: len({p for parts in _block_groups(modules, family).values() for p in parts} & set(modules))
-        for family in models.FAMILIES
+        for family in dict.fromkeys(_layout(f) for f in models.FAMILIES)
     }
     if placed["flux1"] != placed["flux2"]:
         return max(placed, key=placed.__getitem__)
@@ -75,7 +82,7 @@ def lora_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | 
     if not base_model:
         return "flux1"
     try:
-        return models.family_name(base_model)
+        return _layout(models.family_name(base_model))
     except FinetuneError:  # a base this toolkit no longer knows: both families' files of these modules agree
         return "flux1"
 
@@ -149,7 +156,7 @@ def export_kohya(
 
     scale = float(alpha) / float(rank)
     out: dict[str, torch.Tensor] = {}
-    for bfl, down, up in _fused_blocks(state_dict, rank=rank, family=family, what="kohya export"):
+    for bfl, down, up in _fused_blocks(state_dict, rank=rank, family=_layout(family), what="kohya export"):
         key = "lora_unet_" + bfl.replace(".", "_")
         out[f"{key}.lora_down.weight"] = down
         out[f"{key}.lora_up.weight"] = up
@@ -169,6 +176,7 @@ def export_comfyui(
     each of q, k, v and splits B into three row chunks, which with the stacked A and block-diagonal B gives back each
     ``B_j A_j`` exactly (at rank 3r).
     """
+    family = _layout(family)
     if family == "flux1":
         return export_kohya(state_dict, rank=rank, alpha=alpha, family=family)
     scale = float(alpha) / float(rank)
@@ -216,4 +224,4 @@ def save_comfyui(
 ) -> Path:
     """Write ``export_comfyui(state_dict)`` like ``save_kohya``; for FLUX.1 it is the kohya file, byte for byte."""
     tensors = export_comfyui(state_dict, rank=rank, alpha=alpha, family=family)
-    return _save_export(path, tensors, metadata, "kohya" if family == "flux1" else "comfyui")
+    return _save_export(path, tensors, metadata, "kohya" if _layout(family) == "flux1" else "comfyui")

@@ -42,8 +42,10 @@ def test_cpu_machine_figures_and_plan(clean_env):
     assert info["disk_free_gib"]["FINETUNE_HOME"]["free_gib"] > 0
     assert set(info["extras"]) == {"quantize", "tensorboard", "wandb", "prodigy", "bnb", "heif"}
     lines = env.plan(info["gpus"], env.transformer_sizes())
-    assert [line["fits"] for line in lines] == ["no"] * 4
-    assert "Replicate" in lines[0]["how"] and "Replicate" not in lines[1]["how"]  # the remote trainer is FLUX.1
+    assert [line["fits"] for line in lines] == ["no"] * len(env.BASE_MODELS)
+    assert [line["base_model"] for line in lines[:3]] == [m for m, _ in env.BASE_MODELS[:3]]
+    # Replicate trains FLUX.1 [dev] and Kontext, not FLUX.2
+    assert ["Replicate" in line["how"] for line in lines[:3]] == [True, True, False]
     text = env.format_report(info, lines)
     assert "GPU: none visible" in text and "FLUX.2 [klein] 9B" in text
 

@@ -203,6 +203,11 @@ def test_lora_family_from_names_then_base_model():
     assert LE.lora_family(both, {"finetune.base_model": "preset:tiny"}) == "flux1"
     assert LE.lora_family(both, {"finetune.base_model": "preset:nope"}) == "flux1"
     assert LE.lora_family(both) == "flux1"
+    # FLUX.1 Kontext's blocks are FLUX.1's: its LoRAs export under FLUX.1's BFL names, byte for byte
+    assert LE.lora_family(both, {"finetune.base_model": "preset:kontext-tiny"}) == "flux1"
+    assert LE.lora_family(flux1, {"finetune.base_model": "black-forest-labs/FLUX.1-Kontext-dev"}) == "flux1"
+    kontext, dev = (LE.export_comfyui(flux1, rank=2, alpha=2, family=f) for f in ("kontext", "flux1"))
+    assert kontext.keys() == dev.keys() and all(torch.equal(kontext[k], dev[k]) for k in dev)
 
 
 def test_modules_without_a_bfl_place_are_warned_by_name():
