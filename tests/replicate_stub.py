@@ -7,6 +7,11 @@ answers with problem+json. What it models:
 * bearer auth (401 problem+json), account, hardware, models (get/create, 404, owner check), versions (paginated);
 * the trainer ``ostris/flux-dev-lora-trainer`` with a ``TrainingInput`` schema built from the trainer's source
   (reference §9.1), so inputs are validated (422 with ``invalid_fields``);
+* the trainer ``replicate/fast-flux-kontext-trainer`` (FLUX.1 Kontext edit LoRAs; flux-family-2026.md §3) with the
+  inputs its model page documents; its ``output.weights`` is the LoRA ``.safetensors`` itself, with
+  ``validation_images``. A third party reports it failing on every request: ``outcomes[KONTEXT_TRAINER] = "failed"``
+  makes its trainings fail with an error and log lines; :meth:`ReplicateStub.add_trainer` adds any other trainer
+  model (a user's own Cog trainer);
 * trainings on a wall-clock lifecycle ``starting`` → ``processing`` (logs grow with ai-toolkit progress lines) →
   ``succeeded`` | ``failed`` | ``canceled`` | ``aborted``; the create response's ``urls`` point at ``/v1/predictions``
   (the quirk of the real API); ``output.weights`` is a tar holding ``output/flux_train_replicate/lora.safetensors``,
@@ -34,6 +39,7 @@ import struct
 import tarfile
 import threading
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,7 +50,15 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import jsonschema
 
-__all__ = ["TRAINER", "TRAINER_VERSIONS", "ReplicateStub", "training_input_schema"]
+__all__ = [
+    "KONTEXT_TRAINER",
+    "KONTEXT_TRAINER_VERSION",
+    "TRAINER",
+    "TRAINER_VERSIONS",
+    "ReplicateStub",
+    "kontext_training_input_schema",
+    "training_input_schema",
+]
 
 SPEC_PATH = Path(os.environ.get("REPLICATE_OPENAPI", "/work/shared/replicate/openapi.json"))
 if not SPEC_PATH.is_file():  # a checkout may carry its own copy
@@ -54,6 +68,8 @@ TRAINER_VERSIONS = (
     "26dce37af90b9d997eeb970d92e47de3064d46c300504ae376c75bef6a9022d2",  # older
     "d995297071a44dcb72244e6c19462111649ec86a9646c32df56daa7f14801944",  # latest
 )
+KONTEXT_TRAINER = "replicate/fast-flux-kontext-trainer"
+KONTEXT_TRAINER_VERSION = "26c877b4ec3988b7e8edc5840e61339c68f09913bb11e23c31566590fd92a66d"  # the version seen (§3)
 LORA_MEMBER = "output/flux_train_replicate/lora.safetensors"
 DEFAULT_TOKEN = "r8_stubTOKEN0123456789abcdefSECRET"
 DEFAULT_SECRET = "whsec_" + base64.b64encode(b"finetune-stub-webhook-signing-key").decode()
@@ -97,6 +113,32 @@ def training_input_schema() -> dict:
         prop.setdefault("title", name.replace("_", " ").title())
         prop["x-order"] = i
     return {"type": "object", "title": "TrainingInput", "properties": props}
+
+
+def kontext_training_input_schema() -> dict:
+    """The Kontext trainer's TrainingInput as its model page documents it (flux-family-2026.md §3; no public source):
+    ``input_images`` (a zip of ``x_start``/``x_end`` pairs, optional ``x.txt``), ``training_steps`` (1000, 100-20000),
+    ``kontext_prompt_instruction``, ``seed``, ``hf_repo_id``, ``hf_token``. ``learning_rate`` and ``lora_rank``,
+    which model cards of its LoRAs report, are not in it (a test adds them to check they are mapped when present)."""
+    props: dict[str, dict] = {
+        "input_images": {
+            "type": "string",
+            "format": "uri",
+            "description": "A zip file of image pairs: <name>_start.<ext>, <name>_end.<ext> and optional <name>.txt.",
+        },
+        "training_steps": {"type": "integer", "default": 1000, "minimum": 100, "maximum": 20000},
+        "kontext_prompt_instruction": {
+            "type": "string",
+            "description": "The edit instruction for pairs without a .txt file.",
+        },
+        "seed": {"type": "integer", "description": "Random seed; empty for a random one."},
+        "hf_repo_id": {"type": "string"},
+        "hf_token": _secret_field("Hf Token", "Hugging Face token."),
+    }
+    for i, (name, prop) in enumerate(props.items()):
+        prop.setdefault("title", name.replace("_", " ").title())
+        prop["x-order"] = i
+    return {"type": "object", "title": "TrainingInput", "required": ["input_images"], "properties": props}
 
 
 def predict_input_schema() -> dict:
@@ -213,6 +255,7 @@ class ReplicateStub:
         self.username = username
         self.boot_s, self.train_s, self.steps = boot_s, train_s, steps
         self.outcome = outcome
+        self.outcomes: dict[str, str] = {}  # trainer model -> outcome, overriding ``outcome`` for that trainer
         self.predict_s = predict_s
         self.page_size = page_size
         self.max_file_bytes = max_file_bytes
@@ -235,7 +278,21 @@ class ReplicateStub:
             {"sku": "gpu-t4", "name": "Nvidia T4 GPU"},
             {"sku": "gpu-l40s", "name": "Nvidia L40S GPU"},
         ]
+        self.trainer_specs: dict[str, dict] = {}  # trainer model -> how its trainings log, fail and return weights
         self._add_trainer()
+        self.add_trainer(
+            KONTEXT_TRAINER,
+            kontext_training_input_schema(),
+            versions=(KONTEXT_TRAINER_VERSION,),
+            weights="safetensors",
+            validation_images=True,
+            head=["Running in cog mode...", "Extracting input_images...", "Found {pairs} image pairs",
+                  "Loading FLUX.1 Kontext [dev]"],
+            error="Prediction failed: 500 Internal Server Error",
+            failure_logs=["Traceback (most recent call last):",
+                          "  File \"/src/train.py\", line 211, in train",
+                          "RuntimeError: upstream returned 500 Internal Server Error"],
+        )  # fmt: skip
         self._api = _Server(("127.0.0.1", 0), self._handler(api=True))
         self._delivery = _Server(("127.0.0.1", 0), self._handler(api=False))
         self.url = f"http://127.0.0.1:{self._api.server_address[1]}"
@@ -297,6 +354,59 @@ class ReplicateStub:
         self.versions[TRAINER] = list(reversed(versions))  # newest first
         self.models[TRAINER] = self._model_obj("ostris", "flux-dev-lora-trainer", "public", "gpu-h100")
 
+    def add_trainer(
+        self,
+        model: str,
+        training_input: dict,
+        *,
+        versions: tuple[str, ...] | None = None,
+        weights: str = "tar",
+        validation_images: bool = False,
+        head: list[str] | None = None,
+        error: str = "CUDA out of memory. Tried to allocate 2.00 GiB",
+        failure_logs: list[str] | None = None,
+    ) -> str:
+        """Add a public trainer model whose versions (newest last in ``versions``; default one random id) have the
+        ``TrainingInput`` schema ``training_input``. ``weights`` is what ``output.weights`` points at: ``"tar"`` (the
+        ostris layout) or ``"safetensors"`` (the LoRA itself); ``head`` the first log lines (``{pairs}`` and
+        ``{trigger}`` filled in); ``error`` and ``failure_logs`` what a failed training reports. Returns the
+        newest version id."""
+        owner, name = model.split("/")
+        versions = versions or (hashlib.sha256(model.encode()).hexdigest(),)
+        schema = {
+            "openapi": "3.0.2",
+            "info": {"title": "Cog", "version": "0.1.0"},
+            "components": {
+                "schemas": {
+                    "Input": predict_input_schema(),
+                    "TrainingInput": training_input,
+                    "TrainingOutput": {"type": "object", "properties": {"weights": {"type": "string"}}},
+                }
+            },
+        }
+        with self.lock:
+            self.versions[model] = [
+                {"id": vid, "created_at": f"2025-0{i + 1}-01T00:00:00Z", "cog_version": "0.16.0",
+                 "openapi_schema": json.loads(json.dumps(schema))}
+                for i, vid in reversed(list(enumerate(versions)))
+            ]  # fmt: skip
+            self.models[model] = self._model_obj(owner, name, "public", "gpu-h100")
+            self.models[model]["latest_version"] = self.versions[model][0]
+            self.trainer_specs[model] = {
+                "weights": weights,
+                "validation_images": validation_images,
+                "head": head,
+                "error": error,
+                "failure_logs": failure_logs,
+            }
+        return versions[-1]
+
+    def training_input(self, model: str, version: str | None = None) -> dict:
+        """The TrainingInput schema of a trainer version (the newest by default), to change it in a test."""
+        vs = self.versions[model]
+        v = next(v for v in vs if v["id"] == version) if version else vs[0]
+        return v["openapi_schema"]["components"]["schemas"]["TrainingInput"]
+
     def _model_obj(self, owner: str, name: str, visibility: str, hardware: str, description: str | None = None):
         return {"url": f"https://replicate.com/{owner}/{name}", "owner": owner, "name": name,
                 "description": description, "visibility": visibility, "github_url": None, "paper_url": None,
@@ -331,6 +441,7 @@ class ReplicateStub:
         elapsed = now - t["_t0"]
         status = "starting"
         logs = ""
+        spec = self.trainer_specs.get(t["model"], {})
         head = [
             "Running in cog mode...",
             f"Using trigger word {t['input'].get('trigger_word', 'TOK')}",
@@ -338,6 +449,11 @@ class ReplicateStub:
             "Skipping autocaption: every image has a caption",
             "Loading Flux model (quantized: no)",
         ]
+        if spec.get("head"):
+            head = [
+                line.format(pairs=t.get("_pairs", "?"), trigger=t["input"].get("trigger_word"))
+                for line in spec["head"]
+            ]
         if t.get("_canceled_at") is not None:
             status = "canceled"
             logs = "\n".join(head + ["Training canceled by user"])
@@ -353,8 +469,12 @@ class ReplicateStub:
                 logs = "\n".join(head + self._progress_lines(t, upto))
                 if frac >= 1.0:
                     status = t["_outcome"]
-                    if status == "succeeded":
+                    if status == "succeeded" and spec.get("head"):
+                        logs += "\nSaved the LoRA\nTraining complete"
+                    elif status == "succeeded":
                         logs += "\nSaved to output/flux_train_replicate/lora.safetensors\nTraining complete"
+                    elif status == "failed" and spec.get("failure_logs"):
+                        logs += "\n" + "\n".join(spec["failure_logs"])
                     elif status == "failed":
                         logs += "\nTraceback (most recent call last):\ntorch.OutOfMemoryError: CUDA out of memory."
                     elif status == "canceled":
@@ -368,7 +488,7 @@ class ReplicateStub:
             obj["completed_at"] = t.setdefault("_completed_iso", _now_iso())
             obj["metrics"] = {"predict_time": round(self.train_s, 3), "total_time": round(elapsed, 3)}
         if status == "failed":
-            obj["error"] = "CUDA out of memory. Tried to allocate 2.00 GiB"
+            obj["error"] = spec.get("error") or "CUDA out of memory. Tried to allocate 2.00 GiB"
         if status == "aborted":
             obj["error"] = "Training was aborted before it started (deadline reached)"
         if status == "succeeded":
@@ -380,14 +500,24 @@ class ReplicateStub:
             dest = t["_destination"]
             vid = hashlib.sha256(t["id"].encode()).hexdigest()
             seed = int(vid[:8], 16)
-            path = f"/delivery/{t['id']}/trained_model.tar"
-            self.blobs[path] = weights_tar(seed, int(t["input"].get("lora_rank", 16)), t["input"].get("trigger_word"))
+            spec = self.trainer_specs.get(t["model"], {})
+            rank = int(t["input"].get("lora_rank", 16))
+            if spec.get("weights") == "safetensors":  # the Kontext trainer's weights URI is the LoRA itself
+                path = f"/delivery/{t['id']}/lora.safetensors"
+                self.blobs[path] = lora_safetensors(seed, rank=min(rank, 8))
+            else:
+                path = f"/delivery/{t['id']}/trained_model.tar"
+                self.blobs[path] = weights_tar(seed, rank, t["input"].get("trigger_word"))
             version = {"id": vid, "created_at": _now_iso(), "cog_version": "0.14.0",
                        "openapi_schema": {"components": {"schemas": {"Input": predict_input_schema()}}}}  # fmt: skip
             self.versions.setdefault(dest, []).insert(0, version)
             if dest in self.models:
                 self.models[dest]["latest_version"] = version
             t["_output"] = {"version": f"{dest}:{vid}", "weights": self.delivery_url + path}
+            if spec.get("validation_images"):
+                image = f"/delivery/{t['id']}/validation-0.png"
+                self.blobs[image] = tiny_png(seed)
+                t["_output"]["validation_images"] = [self.delivery_url + image]
         return t["_output"]
 
     def _webhook_loop(self, tid: str) -> None:
@@ -626,13 +756,13 @@ class ReplicateStub:
         if seg == ["files"] and method == "POST":
             return self._create_file(raw, headers)
         if seg == ["files"] and method == "GET":
-            return self._page(list(reversed(list(self.files.values()))), query, path)
+            return self._page([self._public(f) for f in reversed(list(self.files.values()))], query, path)
         if seg[:1] == ["files"] and len(seg) == 2:
             f = self.files.get(seg[1])
             if f is None:
                 return self._problem(404, "File not found")
             if method == "GET":
-                return 200, f, {}
+                return 200, self._public(f), {}
             if method == "DELETE":
                 del self.files[seg[1]]
                 return 204, None, {}
@@ -700,7 +830,8 @@ class ReplicateStub:
             "steps": int(body["input"].get("steps", 1000)) if self.steps is None else self.steps,
             "_t0": time.monotonic(),
             "_started_iso": _now_iso(),
-            "_outcome": self.outcome,
+            "_outcome": self.outcomes.get(model, self.outcome),
+            "_pairs": self._count_pairs(body["input"].get("input_images")),
             "_destination": dest,
         }
         self.trainings[tid] = t
@@ -711,6 +842,19 @@ class ReplicateStub:
         if t["webhook"]:
             threading.Thread(target=self._webhook_loop, args=(tid,), daemon=True).start()
         return 201, created, {"ratelimit-remaining": 2999, "ratelimit-reset": 1}
+
+    def _count_pairs(self, url: Any) -> int | str:
+        """The number of ``_end`` images in an uploaded zip (for the Kontext trainer's log), else ``?``."""
+        fid = url.rsplit("/", 1)[-1] if isinstance(url, str) and url.startswith(self.url + "/v1/files/") else None
+        content = self.files.get(fid, {}).get("_content") if fid else None
+        if content is None:
+            return "?"
+        with zipfile.ZipFile(io.BytesIO(content)) as zf:
+            return sum(1 for n in zf.namelist() if n.rsplit(".", 1)[0].endswith("_end"))
+
+    def uploaded(self, url: str) -> bytes:
+        """The bytes of the file a ``/v1/files/{id}`` URL names (what a trainer would download)."""
+        return self.files[url.rsplit("/", 1)[-1]]["_content"]
 
     def _create_file(self, raw: bytes, headers: Any):
         ctype = headers.get("content-type", "")
@@ -752,8 +896,12 @@ class ReplicateStub:
             "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created + 86400)),
             "urls": {"get": f"{self.url}/v1/files/{fid}"},
         }
-        self.files[fid] = obj
+        self.files[fid] = {**obj, "_content": content}
         return 201, obj, {}
+
+    @staticmethod
+    def _public(obj: dict) -> dict:
+        return {k: v for k, v in obj.items() if not k.startswith("_")}
 
     def _render_prediction(self, p: dict) -> dict:
         obj = {k: v for k, v in p.items() if not k.startswith("_")}

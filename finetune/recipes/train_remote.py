@@ -1,9 +1,16 @@
 """Train on Replicate from the same config, follow it, and import the result as a registry version.
 
-``train_remote(cfg)`` reads top to bottom: map the config onto the trainer's inputs → list what cannot be honoured →
-validate against the trainer version's ``TrainingInput`` schema → ensure the destination model → upload the dataset
-zip → create the training (run state written at once) → follow it → download the weights tar → extract
-``lora.safetensors`` → register. ``attach(training_id)`` follows any training of the account and imports it.
+``train_remote(cfg)`` reads top to bottom: choose the trainer for the base model → check the dataset zip's layout
+→ map the config onto the trainer's inputs → list what cannot be honoured → validate against the trainer version's
+``TrainingInput`` schema → ensure the destination model → upload the dataset zip → create the training (run state
+written at once) → follow it → download the weights (a tar or the LoRA file) → extract ``lora.safetensors`` →
+register. ``attach(training_id)`` follows any training of the account and imports it.
+
+The trainers. FLUX.1 [dev] trains on ``ostris/flux-dev-lora-trainer`` (reference/replicate-api.md §9); FLUX.1
+Kontext [dev] edit LoRAs on ``replicate/fast-flux-kontext-trainer`` (a pair zip; reference/flux-family-2026.md §3,
+where a third party reports it failing on every request); Replicate has no FLUX.2 trainer, so a FLUX.2 base stops
+before any request unless ``remote.trainer`` names a trainer model of the user's own. Such a trainer gets the
+dataset and ``remote.inputs`` only; ``remote.inputs`` reaches every trainer, checked against its schema.
 
 The run folder. ``train.output_dir`` when set, else ``runs/<name>-remote-<key>`` where ``key`` is the first 12 hex of
 sha256(resolved config + dataset digest): the same command on the same data always finds the same folder, so a rerun
@@ -43,11 +50,17 @@ from finetune.replicate import (
     ReplicateError,
 )
 from finetune.replicate_trainer import (
+    KONTEXT_BASE,
+    KONTEXT_TRAINER,
     RUNS_ROOT,
     SECRET_INPUTS,
     STATE_FILE,
+    ZipLayout,
     extract_lora,
     find_run_dir,
+    inspect_zip,
+    is_secret_input,
+    lora_rank_of,
     parse_progress,
     validate_inputs,
 )
@@ -59,6 +72,7 @@ __all__ = [
     "POLL_INTERVAL",
     "POLL_MAX_INTERVAL",
     "attach",
+    "choose_trainer",
     "find_run_dir",
     "map_inputs",
     "run_dir_for",
@@ -71,6 +85,20 @@ COLD_BOOT_NOTICE_S = 60.0  # `starting` longer than this is a cold boot: say so 
 LOG_TAIL_LINES = 20  # log lines shown with a failure
 DEV_BASE = "black-forest-labs/FLUX.1-dev"
 DEFAULT_TRAINER = "ostris/flux-dev-lora-trainer"  # the config's remote.trainer default: FLUX.1 [dev] LoRAs
+# How the config maps onto a trainer's inputs: ostris' inputs, the Kontext trainer's, or (any other trainer model,
+# a user's own) the dataset and remote.inputs only.
+OSTRIS, KONTEXT, OWN = "ostris", "kontext", "own"
+TRAINER_BASES = {DEFAULT_TRAINER: DEV_BASE, KONTEXT_TRAINER: KONTEXT_BASE}  # what each known trainer trains
+REPLICATE_TRAINS = f"FLUX.1 [dev] ({DEFAULT_TRAINER}) and FLUX.1 Kontext [dev] edit LoRAs ({KONTEXT_TRAINER})"
+DATASET_INPUT = "input_images"  # the zip input of Replicate's trainers (and the name a user's trainer should use)
+# remote.* settings about where and how the training runs, honoured by every trainer.
+REMOTE_SETTINGS = {
+    "remote.trainer",
+    "remote.destination",
+    "remote.hardware",
+    "remote.webhook",
+    "remote.webhook_events",
+}
 PLACEHOLDER_URL = "https://example.invalid/dataset.zip"  # validates the input before the real URL exists
 # Settings with no effect on the result when training remotely: never reported.
 LOCAL_ONLY = {
@@ -110,25 +138,152 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _strip_secrets(inputs: dict) -> dict:
-    return {k: v for k, v in (inputs or {}).items() if k not in SECRET_INPUTS and not _looks_secret(k)}
+def _strip_secrets(inputs: dict, props: dict | None = None) -> dict:
+    """The inputs without secrets: known ones, names that say so, and those the trainer's schema ``props`` marks."""
+    props = props or {}
+    return {k: v for k, v in (inputs or {}).items() if not is_secret_input(k, props.get(k))}
 
 
-def _looks_secret(key: str) -> bool:
-    return any(word in key.lower() for word in ("token", "api_key", "secret", "password"))
+def _shown(name: str, value: Any, props: dict | None = None) -> str:
+    """``name=value`` for output, the value masked when the input is a secret."""
+    return f"{name}=***" if is_secret_input(name, (props or {}).get(name)) else f"{name}={value!r}"
+
+
+def _config_record(cfg: Config) -> dict:
+    """The resolved config as stored in the run folder and the lineage: without secret remote.inputs, and without the
+    remote keys added for edit LoRAs while they are empty (so run folders made before them keep their key)."""
+    record = config_to_dict(cfg)
+    remote = record["remote"]
+    remote["inputs"] = _strip_secrets(remote["inputs"])
+    for key in ("instruction", "inputs"):
+        if not remote[key]:
+            del remote[key]
+    return record
 
 
 # ---- config → trainer inputs (pure) ------------------------------------------------------------------------------
 
 
-def map_inputs(cfg: Config) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """Map the config onto ``ostris/flux-dev-lora-trainer`` inputs (reference §9.1).
+def _trainer_kind(trainer: str) -> str:
+    """``ostris``, ``kontext`` or ``own`` for a ``remote.trainer`` value (pinned or not)."""
+    return {DEFAULT_TRAINER: OSTRIS, KONTEXT_TRAINER: KONTEXT}.get(trainer.split(":", 1)[0], OWN)
 
-    Returns ``(inputs, origin, unmapped)``: the inputs without ``input_images`` and secrets, the config key each input
-    came from, and one line per setting the user set explicitly that the trainer cannot honour. Defaults never appear
-    in ``unmapped``. ``autocaption`` is always false: a ``prepare`` zip captions every image.
+
+def choose_trainer(cfg: Config) -> tuple[str, str]:
+    """``(trainer, kind)`` for the config's base model; raises (exit 2, before any request) when the trainer would
+    train another model than the config names.
+
+    ``remote.trainer`` left at its default becomes the Kontext trainer for a FLUX.1 Kontext base. A FLUX.2 base has
+    no Replicate trainer: only a trainer model of the user's own is let through (reference/flux-family-2026.md §3).
     """
-    t, lora, explicit = cfg.train, cfg.lora, cfg.explicit
+    family = models.family_name(cfg.base_model)
+    trainer = cfg.remote.trainer
+    if family == "kontext" and trainer == DEFAULT_TRAINER:
+        trainer = KONTEXT_TRAINER
+    kind = _trainer_kind(trainer)
+    if family == "flux2" and kind != OWN:
+        raise FinetuneError(
+            f"backend: replicate: base_model {cfg.base_model} is FLUX.2, and Replicate has no FLUX.2 LoRA trainer "
+            f"today: its trainers train {REPLICATE_TRAINS} only, so {trainer.split(':', 1)[0]} would train another "
+            "model than this config names. Train FLUX.2 locally (backend: local; `finetune env` says how it fits this "
+            "machine), or set remote.trainer to a Replicate trainer model that trains FLUX.2 (your own Cog trainer, "
+            "for example) and pass its settings as remote.inputs.NAME.",
+            EXIT_USAGE,
+        )
+    if family == "kontext" and kind == OSTRIS:
+        raise FinetuneError(
+            f"remote.trainer: {trainer} trains FLUX.1 [dev] text-to-image LoRAs, but base_model {cfg.base_model} is "
+            f"FLUX.1 Kontext. Set remote.trainer: {KONTEXT_TRAINER} (or leave it at its default, which picks it).",
+            EXIT_USAGE,
+        )
+    if family != "kontext" and kind == KONTEXT:
+        raise FinetuneError(
+            f"remote.trainer: {trainer} trains FLUX.1 Kontext [dev] edit LoRAs, but base_model {cfg.base_model} is "
+            f"not FLUX.1 Kontext. Set base_model: {KONTEXT_BASE} to train an edit LoRA on a pair zip, or leave "
+            f"remote.trainer at its default ({DEFAULT_TRAINER}) for a FLUX.1 [dev] LoRA.",
+            EXIT_USAGE,
+        )
+    return trainer, kind
+
+
+def check_layout(cfg: Config, kind: str, layout: ZipLayout | None) -> None:
+    """Stop (exit 2, before any request) when the dataset zip is not what the trainer takes: a pair zip with one
+    reference per pair for the Kontext trainer, single images for ostris'. A user's own trainer is not checked."""
+    if layout is None or kind == OWN:
+        return
+    where = f"dataset: {cfg.dataset}"
+    if kind == OSTRIS and layout.pairs:
+        raise FinetuneError(
+            f"{where} is a pair zip (edit pairs), but {DEFAULT_TRAINER} trains FLUX.1 [dev] text-to-image LoRAs on "
+            f"captioned images. Set base_model: {KONTEXT_BASE} to train a Kontext edit LoRA on Replicate "
+            f"({KONTEXT_TRAINER}), or give a zip of single images (`finetune prepare IMAGES -o data.zip`).",
+            EXIT_USAGE,
+        )
+    if kind != KONTEXT:
+        return
+    if not layout.pairs:
+        raise FinetuneError(
+            f"{where} holds single images, but {KONTEXT_TRAINER} trains edit LoRAs on pairs: <stem>_start.<ext> (the "
+            "input image), <stem>_end.<ext> (the edited image) and an optional <stem>.txt instruction. Build a pair "
+            "zip with `finetune prepare PAIRS --pairs start-end -o pairs.zip` (README: edit pairs).",
+            EXIT_USAGE,
+        )
+    if layout.problems:
+        raise FinetuneError(
+            f"{where} is not a valid pair zip:\n"
+            + "\n".join(f"  - {p}" for p in layout.problems)
+            + "\nRebuild it with `finetune prepare PAIRS --pairs start-end -o pairs.zip`.",
+            EXIT_USAGE,
+        )
+    if layout.references > 1:
+        raise FinetuneError(
+            f"{where} has pairs with {layout.references} references (<stem>_start_2, ...), but Replicate's Kontext "
+            "trainer takes one reference per pair (<stem>_start). Keep one reference per pair, or train "
+            "multi-reference edit LoRAs locally on FLUX.2 [klein] (backend: local).",
+            EXIT_USAGE,
+        )
+    if layout.uncaptioned and not cfg.remote.instruction.strip():
+        shown = ", ".join(layout.uncaptioned[:5]) + (", ..." if len(layout.uncaptioned) > 5 else "")
+        raise FinetuneError(
+            f"{where}: {len(layout.uncaptioned)} of {layout.count} pairs have no <stem>.txt instruction ({shown}), "
+            'and remote.instruction is not set. Set remote.instruction: "<the edit, e.g. make it a watercolor>" '
+            "(sent as the trainer's kontext_prompt_instruction), or add the instructions with `finetune prepare "
+            'PAIRS --pairs start-end --caption-template "..."`.',
+            EXIT_USAGE,
+        )
+
+
+def map_inputs(
+    cfg: Config, trainer: str | None = None, *, layout: ZipLayout | None = None
+) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """Map the config onto the inputs of ``trainer`` (default: :func:`choose_trainer`'s), then add ``remote.inputs``.
+
+    Returns ``(inputs, origin, unmapped)``: the inputs without the dataset and secrets from the environment, the
+    config key each input came from, and one line per setting the user set explicitly that the trainer cannot
+    honour. Defaults never appear in ``unmapped``. ``layout`` is the dataset zip's (None: not inspected, e.g. a URL).
+    """
+    inputs, origin, unmapped = _mapped_inputs(cfg, _trainer_kind(trainer or choose_trainer(cfg)[0]), layout)
+    _add_extra_inputs(cfg, inputs, origin)
+    return inputs, origin, unmapped
+
+
+def _mapped_inputs(
+    cfg: Config, kind: str, layout: ZipLayout | None
+) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """The config mapped onto a trainer kind's inputs, without remote.inputs (see map_inputs)."""
+    if kind == OSTRIS:
+        inputs, origin = _ostris_inputs(cfg)
+    elif kind == KONTEXT:
+        inputs, origin = _kontext_inputs(cfg, layout)
+    else:
+        inputs, origin = {}, {}
+    return inputs, origin, _unhonoured(cfg, kind, set(origin.values()))
+
+
+def _ostris_inputs(cfg: Config) -> tuple[dict[str, Any], dict[str, str]]:
+    """``ostris/flux-dev-lora-trainer`` inputs (reference §9.1). ``autocaption`` is always false: a ``prepare`` zip
+    captions every image."""
+    t, lora = cfg.train, cfg.lora
     inputs: dict[str, Any] = {
         "trigger_word": cfg.trigger_word,
         "autocaption": False,
@@ -156,8 +311,7 @@ def map_inputs(cfg: Config) -> tuple[dict[str, Any], dict[str, str], list[str]]:
         inputs["hf_repo_id"] = cfg.remote.hf_repo_id
         origin["hf_repo_id"] = "remote.hf_repo_id"
     wandb_key, wandb_project = _wandb_project(cfg)
-    wandb = bool(wandb_project)
-    if wandb:
+    if wandb_project:
         inputs["wandb_project"] = wandb_project
         origin["wandb_project"] = wandb_key
         prompts = [p.replace("[trigger]", cfg.trigger_word) for p in cfg.sample.prompts]
@@ -167,32 +321,108 @@ def map_inputs(cfg: Config) -> tuple[dict[str, Any], dict[str, str], list[str]]:
         if cfg.sample.every:
             inputs["wandb_sample_interval"] = cfg.sample.every
             origin["wandb_sample_interval"] = "sample.every"
+    return inputs, origin
 
-    mapped_keys = set(origin.values())
+
+def _kontext_inputs(cfg: Config, layout: ZipLayout | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """``replicate/fast-flux-kontext-trainer`` inputs (flux-family-2026.md §3). ``learning_rate`` and ``lora_rank``
+    are what its model cards report; train_remote drops them when the trainer version's schema lacks them (and
+    reports them when they were set explicitly). The instruction goes only with pairs that have no ``.txt``."""
+    inputs: dict[str, Any] = {
+        "training_steps": cfg.train.steps,
+        "seed": cfg.train.seed,
+        "learning_rate": cfg.train.learning_rate,
+        "lora_rank": cfg.lora.rank,
+    }
+    origin = {
+        "training_steps": "train.steps",
+        "seed": "train.seed",
+        "learning_rate": "train.learning_rate",
+        "lora_rank": "lora.rank",
+    }
+    instruction = cfg.remote.instruction.strip()
+    if instruction and (layout is None or layout.uncaptioned):  # a URL dataset cannot be looked into: send it
+        inputs["kontext_prompt_instruction"] = instruction
+        origin["kontext_prompt_instruction"] = "remote.instruction"
+    if cfg.remote.hf_repo_id:
+        inputs["hf_repo_id"] = cfg.remote.hf_repo_id
+        origin["hf_repo_id"] = "remote.hf_repo_id"
+    return inputs, origin
+
+
+def _add_extra_inputs(cfg: Config, inputs: dict[str, Any], origin: dict[str, str]) -> list[str]:
+    """Add ``remote.inputs`` (each replaces a mapped input of its name); returns one line per replaced input."""
+    replaced = []
+    for name, value in cfg.remote.inputs.items():
+        if name in inputs and not is_secret_input(name):
+            replaced.append(f"remote.inputs.{name}={value!r} replaces {origin[name]} ({name}={inputs[name]!r})")
+        elif name in inputs:
+            replaced.append(f"remote.inputs.{name} replaces {origin[name]}")
+        inputs[name] = value
+        origin[name] = f"remote.inputs.{name}"
+    return replaced
+
+
+def _unhonoured(cfg: Config, kind: str, mapped_keys: set[str]) -> list[str]:
+    """One line per explicit setting the trainer kind cannot honour (settings that only concern this machine, and
+    values a trainer fixes itself when set to that value, are honoured)."""
+    lora = cfg.lora
+    base = DEV_BASE if kind == OSTRIS else KONTEXT_BASE
+    trainer = cfg.remote.trainer.split(":", 1)[0] if kind == OWN else "the trainer"
     unmapped = []
-    for key in sorted(explicit):
+    for key in sorted(cfg.explicit):
         section = key.split(".", 1)[0]
-        if key in mapped_keys or key in LOCAL_ONLY or section == "remote":
+        if key in mapped_keys or key in LOCAL_ONLY or key in REMOTE_SETTINGS or key.startswith("remote.inputs."):
             continue
         value = _get(cfg, key)
-        if key in TRAINER_FIXED and value == TRAINER_FIXED[key]:
+        if key == "trigger_word" and kind != OSTRIS:
+            continue  # an edit set's instructions (or a user's captions) carry it; recorded in the lineage
+        if key in ("remote.hf_repo_id", "remote.wandb_project", "train.wandb_project", "remote.instruction"):
+            if value and key == "remote.instruction" and kind != KONTEXT:
+                unmapped.append(
+                    f"remote.instruction={value!r}: only {KONTEXT_TRAINER} takes an instruction; pass your trainer's "
+                    "own input as remote.inputs.NAME"
+                )
+            elif value and key != "remote.instruction":  # an empty one is off: nothing to honour
+                unmapped.append(f"{key}={value!r}: {trainer} has no input for it; pass it as remote.inputs.NAME")
+            continue
+        if kind == OWN:
+            if key == "base_model":
+                continue  # a trainer of the user's own trains what the user says it trains
+            unmapped.append(
+                f"{key}={value!r}: {trainer} gets only the dataset and remote.inputs; pass the setting as "
+                "remote.inputs.<its input name>"
+            )
             continue
         if key == "lora.alpha":
-            if value != lora.rank:
+            if kind == KONTEXT:
+                unmapped.append(f"lora.alpha={value:g}: the trainer has no alpha input (it chooses alpha itself)")
+            elif value != lora.rank:
                 unmapped.append(f"lora.alpha={value:g}: the trainer always uses alpha = rank ({lora.rank})")
             continue
         if key == "base_model":
-            if value != DEV_BASE:
-                unmapped.append(f"base_model={value}: the trainer always trains {DEV_BASE}")
+            if value != base:
+                unmapped.append(f"base_model={value}: the trainer always trains {base}")
             continue
         if key in TRAINER_FIXED:
-            unmapped.append(f"{key}={value!r}: the trainer fixes it to {TRAINER_FIXED[key]!r}")
+            fixed = TRAINER_FIXED[key]
+            if kind == OSTRIS and value == fixed:
+                continue
+            if kind == OSTRIS:
+                unmapped.append(f"{key}={value!r}: the trainer fixes it to {fixed!r}")
+            elif not (key == "train.quantize" and value == "auto"):  # auto: whatever the trainer's GPU needs
+                unmapped.append(f"{key}={value!r}: the trainer has no such setting")
             continue
         if section == "sample":
-            unmapped.append(f"{key}={value!r}: the trainer renders no samples (only to W&B with remote.wandb_project)")
+            if kind == OSTRIS:
+                unmapped.append(
+                    f"{key}={value!r}: the trainer renders no samples (only to W&B with remote.wandb_project)"
+                )
+            else:
+                unmapped.append(f"{key}={value!r}: the trainer renders its own validation images (not imported)")
             continue
         unmapped.append(f"{key}={value!r}: the trainer has no such setting")
-    return inputs, origin, unmapped
+    return unmapped
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -210,18 +440,18 @@ def _wandb_project(cfg: Config) -> tuple[str, str]:
     return "train.wandb_project", cfg.train.wandb_project
 
 
-def _secret_values(cfg: Config) -> dict[str, str]:
-    """Secrets for the trainer, read from the environment only when the config opts in. Never stored or printed."""
-    wandb_key, wandb_project = _wandb_project(cfg)
-    wanted = {"hf_token": bool(cfg.remote.hf_repo_id), "wandb_api_key": bool(wandb_project)}
+def _secret_values(inputs: dict[str, Any], origin: dict[str, str]) -> dict[str, str]:
+    """Secrets for the trainer, read from the environment only when an input that needs one is sent (and
+    remote.inputs does not give it). Never stored or printed."""
+    needs = {"hf_token": "hf_repo_id", "wandb_api_key": "wandb_project"}  # secret input -> the input that needs it
     out = {}
-    for key, on in wanted.items():
-        if not on:
+    for key, needed_by in needs.items():
+        if needed_by not in inputs or key in inputs:
             continue
         var = SECRET_INPUTS[key]
         value = os.environ.get(var, "").strip()
         if not value:
-            opt = "remote.hf_repo_id" if key == "hf_token" else wandb_key
+            opt = origin[needed_by]
             raise FinetuneError(f"{opt} is set, so the trainer needs {var}: export {var}=... or unset {opt}.")
         out[key] = value
     return out
@@ -234,7 +464,7 @@ def run_dir_for(cfg: Config, dataset_digest: str) -> Path:
     """The run folder of this config and dataset (see the module docstring)."""
     if cfg.train.output_dir:
         return Path(cfg.train.output_dir)
-    key = _digest({"config": config_to_dict(cfg), "dataset": dataset_digest})[:12]
+    key = _digest({"config": _config_record(cfg), "dataset": dataset_digest})[:12]
     return RUNS_ROOT / f"{cfg.output.rsplit('/', 1)[-1]}-remote-{key}"
 
 
@@ -350,17 +580,21 @@ def _log_tail(training: dict, n: int = LOG_TAIL_LINES) -> str:
 def _import(
     client: Replicate, training: dict, run_dir: Path, *, model: str, lineage: dict, registry: Any, state: dict
 ) -> Any:
-    """Download ``output.weights``, extract the LoRA, register it. Idempotent: the version id is the file's hash."""
+    """Download ``output.weights`` (a tar, or the LoRA file itself), extract the LoRA, register it. Idempotent: the
+    version id is the file's hash."""
     seen = time.monotonic()
     weights = (training.get("output") or {}).get("weights")
     if not weights:
         raise FinetuneError(f"Training {training['id']} succeeded but names no output.weights.", EXIT_FAILURE)
     t0 = time.monotonic()
-    tar_path = client.download(weights, run_dir / "trained_model.tar")
+    downloaded = client.download(weights, run_dir / "weights.download")
     download_s = time.monotonic() - t0
-    lora = extract_lora(tar_path, run_dir / "lora.safetensors")
-    tar_path.unlink(missing_ok=True)
+    lora = extract_lora(downloaded, run_dir / "lora.safetensors")
+    downloaded.unlink(missing_ok=True)
     lineage.setdefault("timings", {})["download_s"] = round(download_s, 3)
+    if "lora_rank" not in lineage["replicate"]["inputs"]:  # a trainer without a rank input: the file says it
+        rank = lora_rank_of(lora) or lineage["lora"]["rank"]
+        lineage["lora"].update(rank=rank, alpha=rank)
     if registry is None:
         from finetune.registry import Registry
 
@@ -379,23 +613,30 @@ def _lineage_from(training: dict, *, state: dict | None, cfg_dict: dict | None) 
     inputs = _strip_secrets(state.get("inputs") or training.get("input") or {})
     metrics = training.get("metrics") or {}
     rank = inputs.get("lora_rank", 16)
+    trainer = training.get("model") or state.get("trainer")
+    # A run of this recipe recorded its base; a training found elsewhere has the base its trainer trains (a trainer
+    # of someone's own: unknown, None).
+    base = state["base_model"] if "base_model" in state else TRAINER_BASES.get(trainer or "")
     timings = dict(state.get("timings") or {})
     timings.update(
         train_s=metrics.get("predict_time"),
         total_s=metrics.get("total_time"),
         queue_s=_seconds_between(training.get("created_at"), training.get("started_at")),
     )
-    dataset = state.get("dataset") or {"path": inputs.get("input_images"), "digest": None}
+    dataset = state.get("dataset") or {"path": inputs.get(state.get("dataset_input", DATASET_INPUT)), "digest": None}
+    lora = {"rank": rank, "alpha": rank}
+    if _trainer_kind(trainer or "") == OSTRIS:
+        lora["targets"] = "all-linear"  # ai-toolkit's FLUX default (reference §9.1); other trainers do not say
     return {
-        "base_model": DEV_BASE,
-        "trigger_word": inputs.get("trigger_word"),
+        "base_model": base,
+        "trigger_word": state.get("trigger_word", inputs.get("trigger_word")),
         "backend": "replicate",
         "dataset": dataset,
         "config": cfg_dict,
         "timings": timings,
-        "lora": {"rank": rank, "alpha": rank, "targets": "all-linear"},
+        "lora": lora,
         "replicate": {
-            "trainer": training.get("model") or state.get("trainer"),
+            "trainer": trainer,
             "trainer_version": training.get("version") or state.get("trainer_version"),
             "training_id": training["id"],
             "version": (training.get("output") or {}).get("version"),
@@ -492,9 +733,10 @@ def _resolve_trainer(client: Replicate, trainer: str) -> tuple[str, str, dict]:
 
 def _reconcile(client: Replicate, state: dict, *, pages: int = 3) -> str | None:
     """The id of a training created from this run's upload (same file URL, trainer and version), else None."""
-    url = (state.get("file") or {}).get("url") or state.get("inputs", {}).get("input_images")
+    dataset_input = state.get("dataset_input", DATASET_INPUT)
+    url = (state.get("file") or {}).get("url") or state.get("inputs", {}).get(dataset_input)
     for training in client.list_trainings(limit=100 * pages):
-        same_file = (training.get("input") or {}).get("input_images") == url
+        same_file = (training.get("input") or {}).get(dataset_input) == url
         if (
             same_file
             and training.get("model") == state["trainer"]
@@ -535,17 +777,24 @@ def train_remote(
     client: Replicate | None = None,
 ) -> Version | None:
     """Train ``cfg`` on Replicate and register the result; returns the Version (None when detached)."""
-    # 1. Map the config and stop early on what the trainer cannot honour (before any network call).
-    family = models.family_name(cfg.base_model)
-    if family != "flux1" and cfg.remote.trainer.split(":", 1)[0] == DEFAULT_TRAINER:
-        raise FinetuneError(
-            f"backend: replicate: base_model {cfg.base_model} is FLUX.2, and Replicate has no FLUX.2 LoRA trainer "
-            f"today: {DEFAULT_TRAINER} trains FLUX.1 [dev] only, so it would train another model than this config "
-            "names. Train FLUX.2 locally (backend: local; `finetune env` says how it fits this machine), or set "
-            "remote.trainer to a Replicate trainer model that trains FLUX.2 (your own Cog trainer, for example).",
-            EXIT_USAGE,
+    # 1. Choose the trainer, check the dataset's layout, map the config and stop early on what the trainer cannot
+    #    honour (before any network call).
+    trainer_ref, kind = choose_trainer(cfg)
+    if trainer_ref != cfg.remote.trainer:
+        _say(
+            f"base_model {cfg.base_model} is FLUX.1 Kontext: training on {trainer_ref} (remote.trainer's default, "
+            f"{DEFAULT_TRAINER}, trains FLUX.1 [dev] text-to-image LoRAs)."
         )
-    inputs, origin, unmapped = map_inputs(cfg)
+    if kind == KONTEXT:
+        _say(
+            f"Note: a third party reported {KONTEXT_TRAINER} failing on every request; if it fails here, its error "
+            "and last log lines are shown and nothing is registered."
+        )
+    data_path, data_digest, data_url = _dataset(cfg)
+    layout = inspect_zip(data_path) if data_path else None
+    check_layout(cfg, kind, layout)
+    inputs, origin, unmapped = _mapped_inputs(cfg, kind, layout)
+    replaced = _add_extra_inputs(cfg, inputs, origin)
     if unmapped and not allow_unmapped:
         raise FinetuneError(
             "These settings cannot be honoured by the Replicate trainer:\n"
@@ -555,10 +804,11 @@ def train_remote(
         )
     for u in unmapped:
         _say(f"Not honoured remotely (--allow-unmapped): {u}")
-    secrets = _secret_values(cfg)
-    data_path, data_digest, data_url = _dataset(cfg)
+    if kind == KONTEXT and cfg.remote.instruction.strip() and "kontext_prompt_instruction" not in inputs:
+        _say("remote.instruction is not sent: every pair of the dataset has its own instruction (<stem>.txt).")
+    secrets = _secret_values(inputs, origin)
     run_dir = run_dir_for(cfg, data_digest)
-    cfg_dict = config_to_dict(cfg)
+    cfg_dict = _config_record(cfg)
     client = client or Replicate()
     state = _read_state(run_dir)
 
@@ -575,6 +825,7 @@ def train_remote(
             except RegistryError:  # removed from the registry since: import it again (same bytes, same id)
                 _say(f"{state['version']} is no longer in the registry; importing training {tid} again.")
         _say(f"Re-attaching to training {tid} from {run_dir}.")
+        _drop_inputs(cfg_dict, state.get("secret_inputs") or [])
         return _finish(
             client,
             tid,
@@ -587,9 +838,20 @@ def train_remote(
         )
 
     # 3. Resolve the trainer (pinned or latest) and validate the inputs against its TrainingInput schema.
-    trainer, trainer_version, schema = _resolve_trainer(client, cfg.remote.trainer)
+    trainer, trainer_version, schema = _resolve_trainer(client, trainer_ref)
+    trainer_at = f"{trainer}:{trainer_version[:12]}"
     props = schema.get("properties") or {}
-    missing = [k for k in inputs if k not in props]
+    dataset_input = _dataset_input(schema, trainer_at)
+    if dataset_input in cfg.remote.inputs:
+        raise FinetuneError(
+            f"remote.inputs.{dataset_input}: the dataset is sent as {dataset_input}; set dataset: (a zip, or an "
+            "https:// URL you host) instead.",
+            EXIT_USAGE,
+        )
+    # A mapped input this trainer version lacks is dropped when it was a default, reported when it was set;
+    # remote.inputs are never dropped: an unknown one fails validation below.
+    extra = {f"remote.inputs.{name}" for name in cfg.remote.inputs}
+    missing = [k for k in inputs if k not in props and origin.get(k) not in extra]
     blocked = [
         f"{origin[k]} → {k}: trainer version {trainer_version[:12]} has no such input"
         for k in missing
@@ -604,9 +866,20 @@ def train_remote(
     for k in missing:
         inputs.pop(k)
     validate_inputs(
-        {**inputs, "input_images": data_url or PLACEHOLDER_URL, **secrets}, schema, f"{trainer}:{trainer_version[:12]}"
+        {**inputs, dataset_input: data_url or PLACEHOLDER_URL, **secrets},
+        schema,
+        trainer_at,
+        origin={**origin, dataset_input: "dataset"},
     )
-    inputs_digest = _digest(inputs)
+    for line in replaced:
+        _say(line)
+    if cfg.remote.inputs:
+        shown = ", ".join(_shown(k, v, props) for k, v in cfg.remote.inputs.items())
+        _say(f"Passing remote.inputs to {trainer_at}: {shown}")
+    inputs_digest = _digest(_strip_secrets(inputs, props))
+    # remote.inputs the schema marks secret under a name that does not say so: kept out of every record too.
+    secret_inputs = sorted(k for k in cfg.remote.inputs if is_secret_input(k, props.get(k)))
+    _drop_inputs(cfg_dict, secret_inputs)
     if state.get("inputs_digest") and state["inputs_digest"] != inputs_digest:
         raise FinetuneError(
             f"{run_dir} holds a run with different trainer inputs; set another train.output_dir or remove the folder."
@@ -632,6 +905,11 @@ def train_remote(
         destination=destination,
         inputs_digest=inputs_digest,
         dataset={"path": cfg.dataset, "digest": data_digest},
+        dataset_input=dataset_input,
+        secret_inputs=secret_inputs,
+        # What the version is a LoRA of: the trainer's base (a trainer of the user's own: the config's base).
+        base_model=TRAINER_BASES.get(trainer, cfg.base_model),
+        trigger_word=cfg.trigger_word if kind == OSTRIS or "trigger_word" in cfg.explicit else None,
     )
     _write_state(run_dir, state)
     (run_dir / "config.yaml").write_text(json.dumps(cfg_dict, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -649,8 +927,8 @@ def train_remote(
             timings["upload_s"] = round(time.monotonic() - t0, 3)
             file_url = f["urls"]["get"]
             state["file"] = {"id": f["id"], "url": file_url, "sha256": data_digest, "expires_at": f.get("expires_at")}
-    inputs["input_images"] = file_url
-    state["inputs"] = _strip_secrets(inputs)
+    inputs[dataset_input] = file_url
+    state["inputs"] = _strip_secrets(inputs, props)
     _write_state(run_dir, state)
 
     # 6. Create the training, exactly once.
@@ -713,6 +991,33 @@ def train_remote(
         cfg_dict=cfg_dict,
         registry=registry,
         cancel_on_interrupt=cancel_on_interrupt,
+    )
+
+
+def _drop_inputs(cfg_dict: dict, names: list[str]) -> None:
+    """Remove ``names`` from the config record's remote.inputs (secrets: never stored)."""
+    stored = cfg_dict["remote"].get("inputs") or {}
+    for name in names:
+        stored.pop(name, None)
+
+
+def _dataset_input(schema: dict, trainer_at: str) -> str:
+    """The trainer input that takes the dataset zip: ``input_images`` (Replicate's trainers), else the one file
+    input (Cog's ``format: uri``) of a user's trainer, preferring one that says it takes a zip."""
+    props = schema.get("properties") or {}
+    if DATASET_INPUT in props:
+        return DATASET_INPUT
+    files = [k for k, p in props.items() if p.get("format") == "uri"]
+    zips = [k for k in files if "zip" in f"{k} {props[k].get('description', '')}".lower()]
+    if len(zips) == 1:
+        return zips[0]
+    if len(files) == 1:
+        return files[0]
+    raise FinetuneError(
+        f"remote.trainer: {trainer_at} has no {DATASET_INPUT} input, and its file inputs "
+        f"({', '.join(files) or 'none'}) do not say which one takes the dataset zip. Name the zip input of your "
+        f"trainer {DATASET_INPUT}, as Replicate's trainers do.",
+        EXIT_USAGE,
     )
 
 
