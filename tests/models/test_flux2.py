@@ -199,12 +199,14 @@ def test_quantize_auto_on_a_gpu_of_each_size(monkeypatch, base, gib, expected):
 # ---- edit pairs: references as the pipeline encodes and places them (issue 12) -----------------------------------
 
 
-@pytest.mark.parametrize("count", [1, 2])
-def test_reference_latents_ids_and_one_call_with_references_equal_the_pipeline(klein_dir, tmp_path, count):
+@pytest.mark.parametrize("preset, count", [(KLEIN, 1), (KLEIN, 2), (DEV, 2)])
+def test_reference_latents_ids_and_one_call_with_references_equal_the_pipeline(
+    klein_dir, dev_dir, tmp_path, preset, count
+):
     """References as the trainer prepares them (resized to the target's bucket, VAE mean, normalized) equal
     ``prepare_image_latents`` for the same resized images, with reference i at T = 10·(i + 1); one ``predict`` with
     them equals the pipeline's first denoising call with ``image=`` (reference tokens after the noisy ones), cut to
-    the noisy tokens."""
+    the noisy tokens. [klein] and [dev] (guidance embedded) alike."""
     import io
     import zipfile
 
@@ -221,8 +223,10 @@ def test_reference_latents_ids_and_one_call_with_references_equal_the_pipeline(k
             zf.writestr(f"ref{i}.png", buf.getvalue())
     with zipfile.ZipFile(tmp_path / "refs.zip") as zf:
         images = [load_bucket_image(zf, f"ref{i}.png", bucket) for i in range(count)]
-    pipe = _pipeline(klein_dir)
-    c = flux2.load_components(str(klein_dir), parts=("vae", "text_encoder"))
+    folder = klein_dir if preset == KLEIN else dev_dir
+    guidance = None if preset == KLEIN else 4.0
+    pipe = _pipeline(folder)
+    c = flux2.load_components(str(folder), parts=("vae", "text_encoder"))
     pixels = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float()[None] / 127.5 - 1 for im in images]
     refs = [flux2.normalize_latents(flux2.encode_images(c.vae, px)[0], c.vae) for px in pixels]
     processed = [pipe.image_processor.preprocess(im, height=80, width=64, resize_mode="crop") for im in images]
@@ -237,8 +241,8 @@ def test_reference_latents_ids_and_one_call_with_references_equal_the_pipeline(k
     hook = pipe.transformer.register_forward_hook(
         lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
     )
-    pipe(prompt=PROMPTS[0], image=images, height=80, width=64, num_inference_steps=2, guidance_scale=1.0,
-         output_type="latent")  # fmt: skip
+    pipe(prompt=PROMPTS[0], image=images, height=80, width=64, num_inference_steps=2,
+         guidance_scale=guidance or 1.0, output_type="latent")  # fmt: skip
     hook.remove()
     kwargs, reference = calls[0]
     tokens = 5 * 4
@@ -248,11 +252,11 @@ def test_reference_latents_ids_and_one_call_with_references_equal_the_pipeline(k
     img_ids = flux2.image_ids(noisy.shape, "cpu", torch.float32)
     text = flux2.encode_prompts(c, PROMPTS[:1], 512)
     txt_ids = flux2.text_ids(512, "cpu", torch.float32)
-    pred = flux2.predict(pipe.transformer, noisy, kwargs["timestep"], text, img_ids, txt_ids, None, refs)
+    pred = flux2.predict(pipe.transformer, noisy, kwargs["timestep"], text, img_ids, txt_ids, guidance, refs)
     assert pred.shape == (1, tokens, 128)
     torch.testing.assert_close(pred, reference[:, :tokens], rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.cat([img_ids.long(), our_ids]), kwargs["img_ids"][0], rtol=0, atol=0)
-    without = flux2.predict(pipe.transformer, noisy, kwargs["timestep"], text, img_ids, txt_ids, None)
+    without = flux2.predict(pipe.transformer, noisy, kwargs["timestep"], text, img_ids, txt_ids, guidance)
     assert not torch.allclose(without, pred, atol=1e-3)  # the references matter to the prediction
 
 
