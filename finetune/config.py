@@ -176,7 +176,7 @@ class Config:
     base_model: str = _field(
         "black-forest-labs/FLUX.1-dev",
         "Hub id, local diffusers folder, or a random-weight preset: preset:tiny|small (FLUX.1), "
-        "preset:flux2-tiny|flux2-small|flux2-dev-tiny (FLUX.2).",
+        "preset:kontext-tiny|kontext-small (FLUX.1 Kontext), preset:flux2-tiny|flux2-small|flux2-dev-tiny (FLUX.2).",
     )
     output: str = _field("local/flux-lora", "Registry model (owner/name) that receives the new version.")
     dataset: str = _field("", "Dataset zip from `finetune prepare` (or an https:// URL for the remote backend).")

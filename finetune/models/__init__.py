@@ -96,7 +96,7 @@ def family_module(name: str) -> Family:
 # modules' own constants by tests/models/test_family.py.
 _PRESETS = {
     "flux1": ("tiny", "small"),
-    "kontext": ("kontext-tiny",),
+    "kontext": ("kontext-tiny", "kontext-small"),
     "flux2": ("flux2-tiny", "flux2-small", "flux2-dev-tiny"),
 }
 _PIPELINES = {

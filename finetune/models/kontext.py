@@ -82,8 +82,9 @@ LABEL = "FLUX.1 Kontext [dev]"
 PIPELINE_CLASSES = ("FluxKontextPipeline",)
 EXAMPLE = "black-forest-labs/FLUX.1-Kontext-dev"
 HUB_IDS = (EXAMPLE,)
-PRESET_NAMES = ("kontext-tiny",)
-_PRESET_SPECS = {"kontext-tiny": "tiny"}  # Kontext presets are FLUX.1 presets saved as a FluxKontextPipeline
+PRESET_NAMES = ("kontext-tiny", "kontext-small")
+# Kontext presets are FLUX.1's (same shapes and seeds), saved as a FluxKontextPipeline
+_PRESET_SPECS = {"kontext-tiny": "tiny", "kontext-small": "small"}
 MAX_REFERENCES = 1  # FluxKontextPipeline takes one image; musubi: "Kontext: one control only"
 TRUE_CFG = False  # guidance-distilled like FLUX.1 [dev]
 MAX_SEQUENCE_LENGTH = 512  # FluxKontextPipeline.__call__ max_sequence_length
@@ -132,7 +133,8 @@ def default_caption_dropout(base_model: str) -> float | None:
 
 
 def build_preset(name: str, seed: int = 0) -> FluxComponents:
-    """Build ``preset:kontext-tiny`` in process: FLUX.1's ``tiny`` layout with random weights (deterministic)."""
+    """Build ``preset:kontext-tiny`` / ``kontext-small`` in process: FLUX.1's ``tiny`` / ``small`` layout with random
+    weights (deterministic per seed)."""
     if name not in _PRESET_SPECS:
         choices = ", ".join("preset:" + p for p in PRESET_NAMES)
         raise FinetuneError(f"unknown Kontext preset {name!r}; choose one of: {choices}")
