@@ -290,6 +290,21 @@ def write_kontext_config(tmp_path: Path, zip_path: Path | None = None, **extra) 
     return path
 
 
+def test_map_inputs_follows_the_trainer_the_base_model_gets():
+    cfg = load_config(None, [f"base_model={KONTEXT_BASE}", "train.steps=300", "remote.instruction=make it red"])
+    inputs, origin, unmapped = map_inputs(cfg)  # remote.trainer at its default: the Kontext trainer's inputs
+    assert inputs == {
+        "training_steps": 300,
+        "seed": 0,
+        "learning_rate": cfg.train.learning_rate,
+        "lora_rank": 16,
+        "kontext_prompt_instruction": "make it red",  # no zip looked into (layout None): sent
+    }
+    assert origin["training_steps"] == "train.steps" and unmapped == []
+    inputs, origin, _ = map_inputs(load_config(None, ["remote.inputs.steps=5", "remote.inputs.extra=x"]))
+    assert inputs["steps"] == 5 and inputs["extra"] == "x" and origin["steps"] == "remote.inputs.steps"
+
+
 def test_a_kontext_base_trains_its_pair_zip_on_the_kontext_trainer_and_registers_a_kontext_lora(
     replicate_stub, tmp_path, capsys
 ):
