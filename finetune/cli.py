@@ -194,6 +194,15 @@ def eval_(
         str | None, typer.Option("--prompts", help="Prompt file: one per line, '#' comments; [trigger] replaced.")
     ] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    inputs: Annotated[
+        str | None,
+        typer.Option(
+            "--inputs",
+            help="Edit LoRAs: a pair zip from `prepare`, a folder of NAME_start.png (+ NAME_end.png target) + "
+            "NAME.txt, or of NAME.png + NAME.txt instructions. Each version edits every input; with "
+            "--prompt/--prompts, every prompt is applied to every input instead of the instruction files.",
+        ),
+    ] = None,
     config: Annotated[str | None, typer.Option("--config", "-c", help="Use this config's sample section.")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds, e.g. 1,2,3.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps (default: the base model's).")] = None,
@@ -214,7 +223,9 @@ def eval_(
         str, typer.Option("--quantize", help="Base weights: int8, none, or auto (int8 on CUDA GPUs under 36 GiB).")
     ] = "auto",
 ) -> None:
-    """Sample versions side by side on the same prompts and seeds, score them, and write a comparison report."""
+    """Sample versions side by side on the same prompts and seeds, score them, and write a comparison report.
+
+    With --inputs, the versions edit the same input images instead (FLUX.1 Kontext and FLUX.2 bases)."""
     cfg = load_config(config, []) if config else None
     seed_list = _number_list("--seeds", seeds, int) if seeds else (cfg.sample.seeds if cfg else [1, 2])
     scales = _number_list("--lora-scale", lora_scale, float)
@@ -225,7 +236,7 @@ def eval_(
         prompts = read_prompt_file(prompts_file)
     if prompt:
         prompts = [*(prompts or []), *prompt]
-    if prompts is None and cfg is not None:
+    if prompts is None and cfg is not None and inputs is None:  # edits take the inputs' instructions, not the config's
         prompts = list(cfg.sample.prompts)
     if cfg is not None:  # the config's sample section fills what the command line left out (0 = model default)
         steps = steps if steps is not None else (cfg.sample.steps or None)
@@ -234,6 +245,7 @@ def eval_(
     result = evaluate(
         refs,
         prompts=prompts,
+        inputs=inputs,
         seeds=seed_list,
         steps=steps,
         size=size,

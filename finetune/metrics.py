@@ -26,10 +26,12 @@ __all__ = [
     "DinoScorer",
     "Scorers",
     "bootstrap_ci",
+    "clip_direction",
     "clip_text_score",
     "cosine_matrix",
     "diversity",
     "mean_pairwise_cosine",
+    "paired_cosine",
     "paired_summary",
     "remove_trigger",
     "save_tiny_scorers",
@@ -68,6 +70,19 @@ def mean_pairwise_cosine(generated: torch.Tensor, reference: torch.Tensor) -> fl
     return float(cosine_matrix(generated, reference).mean())
 
 
+def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Per row: the cosine of ``a[i]`` and ``b[i]`` (both ``[N, D]``), in float64 as ``cosine_matrix``.
+
+    For edits each output has one target and one input, so the DreamBooth mean over all pairs
+    (``mean_pairwise_cosine``) reduces to this one cosine per row.
+    """
+    import torch
+
+    a = torch.nn.functional.normalize(a.double(), dim=-1)
+    b = torch.nn.functional.normalize(b.double(), dim=-1)
+    return (a * b).sum(dim=-1).tolist()
+
+
 def clip_text_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> list[float]:
     """Per-image CLIP-T: cosine of each image embedding with the text embedding of the same row.
 
@@ -75,6 +90,30 @@ def clip_text_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> li
     (Hessel et al. 2021, arXiv:2104.08718, eq. 1), so it stays on the same cosine scale as CLIP-I and DINO.
     """
     return cosine_matrix(image_embeds, text_embeds).diagonal().tolist()
+
+
+def clip_direction(
+    output_embeds: torch.Tensor,
+    input_embeds: torch.Tensor,
+    after_text_embeds: torch.Tensor,
+    before_text_embeds: torch.Tensor,
+) -> list[float]:
+    """Per row: CLIP directional similarity, ``cos(Ê_img(out) − Ê_img(in), Ê_txt(after) − Ê_txt(before))``.
+
+    How far the edit moved the image in the direction the text moved. Defined with before/after captions by
+    InstructPix2Pix (Brooks et al. 2023, arXiv:2211.09800, §4 "directional CLIP similarity", after StyleGAN-NADA's
+    directional loss, Gal et al. 2022, arXiv:2108.00946, eq. 3); as in InstructPix2Pix's ``metrics/clip_similarity.py``
+    every embedding is L2-normalised before the differences are taken. All four arguments are ``[N, D]``, row i one
+    edit; a row whose image (or text) did not move gives 0 (``normalize`` maps a zero vector to zero), not NaN.
+    """
+    import torch
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(x.double(), dim=-1)
+
+    image_delta = unit(unit(output_embeds) - unit(input_embeds))
+    text_delta = unit(unit(after_text_embeds) - unit(before_text_embeds))
+    return (image_delta * text_delta).sum(dim=-1).tolist()
 
 
 def diversity(embeds: torch.Tensor) -> float | None:

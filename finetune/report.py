@@ -15,6 +15,12 @@ Document layout (``schema`` = ``finetune.eval/1``)::
     metrics    {metric: {label, higher_is_better, description}}       only the metrics that were computed
     aggregate  {column key: {metric: {mean, ci95 [low, high], n, win_rate, pairs}}}
     reference_column, notes [str], warnings [str], timings {}, counters {}
+
+Edit reports (``finetune eval --inputs``) add ``edit`` {inputs, layout, instructions, targets,
+direction_source_caption, output_size}; each ``prompts`` row is then one edit with ``name``, ``inputs`` [files under
+``inputs/``, fitted as the model saw them], ``input_sources``, ``input_sha256``, ``instruction_source``, ``target``
+(file or null), ``target_source``, ``width``, ``height``. The grid and the image table then show per edit × seed the
+input, each column's output, and the target when there is one.
 """
 
 from __future__ import annotations
@@ -60,6 +66,31 @@ def _rows(doc: dict) -> list[tuple[int, int]]:
     return [(p, seed) for p in range(len(doc["prompts"])) for seed in doc["settings"]["seeds"]]
 
 
+def _has_targets(doc: dict) -> bool:
+    return any(row.get("target") for row in doc["prompts"])
+
+
+def _layout(doc: dict) -> tuple[list[str], list[tuple[str, list[str | None]]]]:
+    """The grid's column labels and rows (label, image file per column or None). Text-to-image: one column per report
+    column. Edits: the input first, then the report columns, then the target when some row has one."""
+    images = _image_index(doc)
+    edit = "edit" in doc
+    labels = [c["label"] for c in doc["columns"]]
+    if edit:
+        labels = ["input", *labels, *(["target"] if _has_targets(doc) else [])]
+    rows = []
+    for prompt_index, seed in _rows(doc):
+        prompt = doc["prompts"][prompt_index]
+        files = [(images.get((c["key"], prompt_index, seed)) or {}).get("file") for c in doc["columns"]]
+        if edit:
+            files = [prompt["inputs"][0], *files, *([prompt.get("target")] if _has_targets(doc) else [])]
+            label = f"{prompt['name']}: {prompt['template']}  (seed {seed})"
+        else:
+            label = f"{prompt['template']}  (seed {seed})"
+        rows.append((label, files))
+    return labels, rows
+
+
 def _image_index(doc: dict) -> dict[tuple[str, int, int], dict]:
     return {(im["column"], im["prompt_index"], im["seed"]): im for im in doc["images"]}
 
@@ -94,25 +125,27 @@ def _shorten(text: str, width: float, measure: Callable[[str], float]) -> str:
 
 
 def render_grid(doc: dict, folder: Path) -> Any:
-    """The comparison grid: one row per prompt × seed, one column per report column, labelled.
+    """The comparison grid: one row per prompt × seed, one column per report column, labelled. An edit report has one
+    row per edit × seed and columns input | each report column | target (when there is one); edits of another aspect
+    ratio are fitted into the cell whole, centred.
 
     Column labels wrap at spaces, ``/`` and ``:`` (``wrap_label``); the header grows to hold every line, and the
     columns widen (up to ``GRID_LABEL_PX``) to hold the widest piece, so a version id shows whole.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     font = ImageFont.load_default()
     width, height = doc["settings"]["width"], doc["settings"]["height"]
     scale = min(1.0, GRID_CELL_PX / max(width, height))
     cell_w, cell_h = max(1, round(width * scale)), max(1, round(height * scale))
     label_w, line_h, pad = 220, 11, 4
-    columns, rows = doc["columns"], _rows(doc)
+    columns, rows = _layout(doc)
     px = font.getlength
     text_w = cell_w + pad - 2  # a label may use its column's gap to the next one
-    widest = max((px(line) for c in columns for line in wrap_label(c["label"], text_w, px)), default=0)
+    widest = max((px(line) for c in columns for line in wrap_label(c, text_w, px)), default=0)
     text_w = max(text_w, min(math.ceil(widest), GRID_LABEL_PX))
     col_w = text_w + 2 - pad
-    headers = [[_shorten(line, text_w, px) for line in wrap_label(c["label"], text_w, px)] for c in columns]
+    headers = [[_shorten(line, text_w, px) for line in wrap_label(c, text_w, px)] for c in columns]
     header_h = max(36, 3 + line_h * max((len(lines) for lines in headers), default=0))
     grid = Image.new(
         "RGB", (label_w + len(columns) * (col_w + pad), header_h + len(rows) * (cell_h + pad)), (255, 255, 255)
@@ -122,18 +155,20 @@ def render_grid(doc: dict, folder: Path) -> Any:
         x = label_w + c * (col_w + pad)
         for i, line in enumerate(lines):
             draw.text((x + 2, 2 + i * line_h), line, fill=(0, 0, 0), font=font)
-    images = _image_index(doc)
-    for r, (prompt_index, seed) in enumerate(rows):
+    for r, (label, files) in enumerate(rows):
         y = header_h + r * (cell_h + pad)
-        label = f"{doc['prompts'][prompt_index]['template']}  (seed {seed})"
         for i, line in enumerate(textwrap.wrap(label, 34)[: max(1, cell_h // 11)]):
             draw.text((4, y + 2 + i * 11), line, fill=(0, 0, 0), font=font)
-        for c, column in enumerate(columns):
-            entry = images.get((column["key"], prompt_index, seed))
-            if entry is None:
+        for c, file in enumerate(files):
+            if file is None:
                 continue
-            with Image.open(folder / entry["file"]) as im:
-                grid.paste(im.convert("RGB").resize((cell_w, cell_h), Image.BICUBIC), (label_w + c * (col_w + pad), y))
+            x = label_w + c * (col_w + pad)
+            with Image.open(folder / file) as im:
+                if "edit" in doc:  # each edit has its input's aspect ratio: whole in the cell, centred
+                    cell = ImageOps.contain(im.convert("RGB"), (cell_w, cell_h), Image.BICUBIC)
+                    grid.paste(cell, (x + (cell_w - cell.width) // 2, y + (cell_h - cell.height) // 2))
+                else:
+                    grid.paste(im.convert("RGB").resize((cell_w, cell_h), Image.BICUBIC), (x, y))
     return grid
 
 
@@ -164,13 +199,20 @@ def render_html(doc: dict, folder: Path, grid_png: bytes | None = None) -> str:
     esc = html.escape
     metrics = doc["metrics"]
     best = best_values(doc)
+    edit = doc.get("edit")
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>finetune eval</title>',
         f"<style>{_CSS}</style></head><body>",
         f"<h1>finetune eval</h1><p>{esc(doc['created_at'])} · {len(doc['versions'])} version(s), "
-        f"{len(doc['prompts'])} prompt(s), seeds {esc(', '.join(map(str, doc['settings']['seeds'])))}</p>",
+        f"{len(doc['prompts'])} {'edit' if edit else 'prompt'}(s), "
+        f"seeds {esc(', '.join(map(str, doc['settings']['seeds'])))}</p>",
     ]
+    if edit:
+        out.append(
+            f'<p id="edit">Edits of <b>{esc(edit["inputs"])}</b> ({esc(edit["layout"])}), instructions from '
+            f"{esc(edit['instructions'])}; {edit['targets']} with a target. {esc(edit['output_size'])}.</p>"
+        )
     for warning in doc["warnings"]:
         out.append(f'<p class="warn">Warning: {esc(warning)}</p>')
     for note in doc["notes"]:
@@ -178,7 +220,8 @@ def render_html(doc: dict, folder: Path, grid_png: bytes | None = None) -> str:
 
     reference = next(c["label"] for c in doc["columns"] if c["key"] == doc["reference_column"])
     out.append(f"<h2>Metrics</h2><p>Mean with bootstrap 95% interval; win rate against <b>{esc(reference)}</b>, ")
-    out.append("paired by prompt and seed (diversity: by prompt). Best per column marked.</p>")
+    paired = "edit and seed" if edit else "prompt and seed (diversity: by prompt)"
+    out.append(f"paired by {paired}. Best per column marked.</p>")
     out.append('<table id="metrics"><tr><th>version</th>')
     out += [f"<th>{esc(info['label'])} ({'↑' if info['higher_is_better'] else '↓'})</th>" for info in metrics.values()]
     out += [f"<th>win rate: {esc(info['label'])}</th>" for info in metrics.values()]
@@ -210,12 +253,26 @@ def render_html(doc: dict, folder: Path, grid_png: bytes | None = None) -> str:
         uri = "data:image/png;base64," + base64.b64encode(grid_png).decode("ascii")
         out.append(f'<h2>Grid</h2><img class="grid" alt="comparison grid" src="{uri}">')
 
-    out.append('<h2>Images</h2><table id="images"><tr><th>prompt</th><th>seed</th>')
+    targets = bool(edit) and _has_targets(doc)
+
+    def figure(file: str, alt: str, caption: str = "") -> str:
+        with Image.open(folder / file) as im:
+            uri = _data_uri(im, THUMB_PX)
+        img = f'<img alt="{esc(alt)}" title="{esc(alt)}" src="{uri}">'
+        return f"<td><figure>{img}<figcaption>{caption}</figcaption></figure></td>"
+
+    first = "<th>edit</th><th>instruction</th><th>seed</th><th>input</th>" if edit else "<th>prompt</th><th>seed</th>"
+    out.append(f'<h2>Images</h2><table id="images"><tr>{first}')
     out += [f"<th>{esc(c['label'])}</th>" for c in doc["columns"]]
-    out.append("</tr>")
+    out.append("<th>target</th></tr>" if targets else "</tr>")
     images = _image_index(doc)
     for prompt_index, seed in _rows(doc):
-        out.append(f"<tr><td>{esc(doc['prompts'][prompt_index]['template'])}</td><td>{seed}</td>")
+        prompt = doc["prompts"][prompt_index]
+        if edit:
+            out.append(f"<tr><td>{esc(prompt['name'])}</td><td>{esc(prompt['template'])}</td><td>{seed}</td>")
+            out.append(figure(prompt["inputs"][0], f"input {', '.join(prompt['input_sources'])}"))
+        else:
+            out.append(f"<tr><td>{esc(prompt['template'])}</td><td>{seed}</td>")
         for column in doc["columns"]:
             entry = images.get((column["key"], prompt_index, seed))
             if entry is None:
@@ -230,13 +287,24 @@ def render_html(doc: dict, folder: Path, grid_png: bytes | None = None) -> str:
                 f'<td><figure><img alt="{esc(entry["prompt"])}" title="{esc(entry["prompt"])}" src="{uri}">'
                 f"<figcaption>{scores}</figcaption></figure></td>"
             )
+        if targets:
+            target = prompt.get("target")
+            out.append(figure(target, f"target {prompt['target_source']}") if target else "<td>–</td>")
         out.append("</tr>")
     out.append("</table>")
 
     out.append('<h2>Settings</h2><table id="settings">')
     out += [f"<tr><th>{esc(k)}</th><td>{esc(json.dumps(v))}</td></tr>" for k, v in doc["settings"].items()]
-    out.append("</table><h3>Prompts</h3><ol>")
-    out += [f"<li>{esc(p['template'])}</li>" for p in doc["prompts"]]
+    if edit:
+        out.append("</table><h3>Edits</h3><ol>")
+        out += [
+            f'<li>{esc(p["name"])}: {esc(p["template"])} <span class="ci">(inputs '
+            f"{esc(', '.join(p['input_sources']))}; target {esc(p.get('target_source') or 'none')})</span></li>"
+            for p in doc["prompts"]
+        ]
+    else:
+        out.append("</table><h3>Prompts</h3><ol>")
+        out += [f"<li>{esc(p['template'])}</li>" for p in doc["prompts"]]
     out.append("</ol>")
 
     out.append('<h2>Versions</h2><div id="versions">')

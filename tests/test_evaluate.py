@@ -294,3 +294,187 @@ def test_flux2_versions_are_sampled_with_their_family_pipeline(preset, tmp_path,
     assert np.asarray(Image.open(files[("c0", 0, 1)])).shape == (32, 32, 3)
     assert np.abs(base_img - np.asarray(Image.open(files[("c1", 0, 1)]))).mean() > 1.0  # the LoRA is applied
     assert np.abs(base_img - np.asarray(Image.open(files[("c0", 0, 2)]))).mean() > 0.5  # seeds differ
+
+
+# ---- edits: --inputs on FLUX.1 Kontext ------------------------------------------------------------------------------
+
+EDIT_METRICS = {"dino_target", "clip_i_target", "dino_input", "clip_direction"}
+EDIT = dict(seeds=(1, 2), steps=1, size=32, progress=False)  # kontext-tiny at 32 px: 4 output + 4 input tokens
+
+
+@pytest.fixture(scope="module")
+def edit_world(tmp_path_factory, tiny_scorer_dirs):
+    """A saved preset:kontext-tiny, a random rank-4 LoRA for it in a registry (trigger TOK), and a pair zip of two
+    edits made by `finetune prepare` (instructions with TOK added once)."""
+    from prepare_fixtures import write_pair_layouts
+
+    from finetune.models import kontext
+    from finetune.recipes.prepare import prepare
+
+    root = tmp_path_factory.mktemp("edit")
+    base = kontext.save_preset("kontext-tiny", root / "kontext-tiny")
+    transformer = kontext.build_preset("kontext-tiny").transformer
+    lora.add_lora(transformer, rank=4, alpha=4, targets="all-linear", seed=0)
+    g = torch.Generator().manual_seed(7)
+    state = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in lora.lora_state_dict(transformer).items()}
+    file = lora.save_lora(root / "edit.safetensors", state, rank=4, alpha=4, base_model=str(base), trigger_word="TOK",
+                          targets="all-linear")  # fmt: skip
+    registry = Registry(root / "home")
+    version = registry.add_version(
+        "me/edit", file, {"base_model": str(base), "trigger_word": "TOK", "backend": "local"}
+    )
+    layout = write_pair_layouts(root / "src", count=2)
+    pairs = prepare([layout["start-end"]], root / "pairs.zip", "TOK", workers=1, progress=False).zip_path
+    clip_dir, dino_dir = tiny_scorer_dirs
+    return {"base": base, "version": version, "registry": registry, "pairs": pairs, "lora": file,
+            "clip": clip_dir, "dino": dino_dir}  # fmt: skip
+
+
+def run_edit(edit_world, refs, out, **kwargs):
+    options = dict(inputs=edit_world["pairs"], out=out, clip_model=edit_world["clip"], dino_model=edit_world["dino"])
+    return evaluate(refs, registry=edit_world["registry"], **(options | EDIT | kwargs))
+
+
+def test_edit_eval_on_a_pair_zip_samples_the_inputs_and_scores_the_edits(edit_world, monkeypatch, tmp_path):
+    from diffusers import FluxKontextPipeline
+
+    from finetune.data.edit_inputs import read_edit_inputs
+    from finetune.models import kontext
+
+    # What the pipeline got as its input image, call by call (tiny Kontext's pixels barely depend on it, so the
+    # output alone cannot show that the input went in).
+    given, call = [], FluxKontextPipeline.__call__
+
+    def spy(pipe, *args, **kwargs):
+        given.append(kwargs.get("image"))
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(FluxKontextPipeline, "__call__", spy)
+    version = edit_world["version"]
+    out = tmp_path / "report"
+    result = run_edit(edit_world, ["base", version.ref], out)
+    doc = json.loads(result.metrics_path.read_text())
+    assert doc["edit"]["layout"] == "pair-zip" and doc["edit"]["targets"] == 2 and doc["settings"]["guidance"] == 2.5
+    assert len(doc["prompts"]) == 2 and all("TOK" in row["template"] for row in doc["prompts"])
+    for row in doc["prompts"]:  # input and target saved as the model saw them, at the output's size
+        assert Image.open(out / row["inputs"][0]).size == Image.open(out / row["target"]).size == (32, 32)
+        assert row["target_source"].endswith("_end.png") and row["input_sources"][0].endswith("_start.png")
+    assert set(doc["metrics"]) == EDIT_METRICS and "clip_t" not in doc["metrics"]
+    assert len(doc["images"]) == 2 * 2 * 2
+    for entry in doc["images"]:
+        assert set(entry["scores"]) == EDIT_METRICS
+        assert all(np.isfinite(v) and -1.0 <= v <= 1.0 + 1e-9 for v in entry["scores"].values())
+    for column in ("c0", "c1"):
+        for summary in doc["aggregate"][column].values():
+            assert summary["n"] == 4 and summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
+    assert all(0.0 <= s["win_rate"] <= 1.0 and s["pairs"] == 4 for s in doc["aggregate"]["c1"].values())
+
+    # Each edit's input reached the pipeline as the report shows it (a call per column and edit, both seeds at once).
+    fitted = {Image.open(out / row["inputs"][0]).tobytes() for row in doc["prompts"]}
+    assert len(given) == 4 and {image.tobytes() for image in given} == fitted and len(fitted) == 2
+
+    # The LoRA version's output is family.sample_images on the same input image, instruction and seed.
+    item = next(
+        i for i in read_edit_inputs(edit_world["pairs"]).items if i.instruction == doc["prompts"][0]["template"]
+    )
+    pipe = kontext.pipeline_from_components(kontext.build_preset("kontext-tiny"))
+    pipe.load_lora_weights(str(edit_world["lora"]), adapter_name="v")
+    direct = kontext.sample_images(pipe, [item.instruction], [1], steps=1, size=(32, 32), guidance=2.5,
+                                   inputs=[[item.inputs[0].open()]])[0]  # fmt: skip
+    entry = next(e for e in doc["images"] if (e["column"], e["prompt_index"], e["seed"]) == ("c1", 0, 1))
+    sampled = np.asarray(Image.open(out / entry["file"])).astype(int)
+    assert np.abs(sampled - np.asarray(direct)).max() <= 1  # fused in float32 by eval: equal to rounding
+
+    page = Page()
+    page.feed(result.html_path.read_text())
+    # grid + per row (2 edits x 2 seeds): input, base, LoRA, target
+    assert {"metrics", "images"} <= page.tables and len(page.imgs) == 1 + 4 * 4
+    text = " ".join(page.text)
+    assert "CLIP direction" in text and "DINO input→output" in text and "pairs.zip" in text
+    assert Image.open(result.grid_path).size[0] > 220 + 4 * 32  # input | base | LoRA | target
+    history = edit_world["registry"].resolve(version.ref).info["evals"][-1]
+    assert history["inputs"] == str(edit_world["pairs"]) and "clip_direction" in history["lora_scales"]["1"]
+
+    again = run_edit(edit_world, ["base", version.ref], out)
+    assert again.counters["images_sampled"] == 0 and again.counters["images_cached"] == 8
+
+
+def test_edit_eval_cli_on_a_folder_with_prompts_applied_to_every_input(edit_world, monkeypatch, tmp_path, capsys):
+    """A start-end folder where one edit has no target, with --prompt: every prompt on every input, targets unused."""
+    from prepare_fixtures import smooth
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    smooth(1, (64, 32)).save(folder / "wide_start.png")
+    smooth(2, (64, 32)).save(folder / "wide_end.png")
+    smooth(3, (32, 32)).save(folder / "square_start.png")  # neither has an instruction file: --prompt gives them
+    monkeypatch.setenv("FINETUNE_HOME", str(edit_world["registry"].root))
+    out = tmp_path / "cli"
+    args = ["eval", edit_world["version"].ref, "--inputs", str(folder), "--prompt", "make it [trigger] red",
+            "--prompt", "add a hat", "--seeds", "3", "--steps", "1", "--size", "32", "--out", str(out),
+            "--clip-model", str(edit_world["clip"]), "--dino-model", str(edit_world["dino"])]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["edit"]["layout"] == "pair-folder" and doc["edit"]["targets"] == 0
+    assert [(row["name"], row["template"]) for row in doc["prompts"]] == [
+        ("square", "make it [trigger] red"), ("square", "add a hat"), ("wide", "make it [trigger] red"),
+        ("wide", "add a hat"),
+    ]  # fmt: skip
+    assert doc["images"][0]["prompt"] == "make it TOK red"
+    # the output takes its input's aspect ratio at 32x32's area
+    sizes = {row["name"]: Image.open(out / doc["images"][n]["file"]).size for n, row in enumerate(doc["prompts"])}
+    assert sizes == {"square": (32, 32), "wide": (48, 16)}
+    assert set(doc["metrics"]) == {"dino_input", "clip_direction"}
+    assert any("targets in --inputs were not used" in w for w in doc["warnings"])
+
+
+def test_edit_inputs_fail_before_any_model_loads(edit_world, world, monkeypatch, tmp_path, capsys):
+    counters = Counters(monkeypatch)
+    monkeypatch.setenv("FINETUNE_HOME", str(edit_world["registry"].root))
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", *args, "--out", str(tmp_path / "out"), "--steps", "1", "--size", "32"])
+        return exit_info.value.code, capsys.readouterr().err
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "cat.png")
+    code, err = cli(edit_world["version"].ref, "--inputs", str(folder))
+    assert code == 2 and f"{folder / 'cat.png'}: instruction cat.txt is missing" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = cli(edit_world["version"].ref, "--inputs", str(empty))
+    assert code == 2 and f"--inputs {empty} holds no image" in err
+    # A FLUX.1 [dev] base takes no input image: the tiny FLUX.1 preset's LoRA
+    (folder / "cat.txt").write_text("make it blue", encoding="utf-8")
+    monkeypatch.setenv("FINETUNE_HOME", str(world["registry"].root))
+    code, err = cli(world["versions"][0].ref, "--inputs", str(folder))
+    assert code == 2 and "takes no input image" in err and str(folder) in err
+    code, err = cli("base", "replicate:me/tok:" + "a" * 64, "--inputs", str(folder))
+    assert code == 2 and "Replicate version" in err
+    # Kontext takes one input per edit
+    Image.new("RGB", (32, 32)).save(folder / "dog_start.png")
+    Image.new("RGB", (32, 32)).save(folder / "dog_start_2.png")
+    (folder / "dog.txt").write_text("make it red", encoding="utf-8")
+    (folder / "cat.png").rename(folder / "cat_start.png")
+    monkeypatch.setenv("FINETUNE_HOME", str(edit_world["registry"].root))
+    code, err = cli(edit_world["version"].ref, "--inputs", str(folder))
+    assert code == 2 and "dog_start_2.png" in err and "at most 1" in err
+    assert counters.loads == 0 and not list((tmp_path / "out").glob("images/*.png"))
+
+
+def test_edit_cache_key_includes_the_input_and_text_to_image_keys_are_unchanged():
+    from finetune.recipes.evaluate import _cache_key
+
+    settings = {"steps": 1, "width": 32, "height": 32, "guidance": 2.5, "base_model": "b", "max_sequence_length": 512,
+                "dtype": "float32", "quantize": "none"}  # fmt: skip
+    plain = _cache_key("base", None, "p", 1, settings)
+    assert _cache_key("base", None, "p", 1, settings, None) == plain == _cache_key("base", None, "p", 1, settings, [])
+    one, two = (
+        _cache_key("base", None, "p", 1, settings, ["a" * 64]),
+        _cache_key("base", None, "p", 1, settings, ["b" * 64]),
+    )
+    assert len({plain, one, two}) == 3

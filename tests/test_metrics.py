@@ -123,3 +123,35 @@ def test_saving_and_loading_scorers_draws_no_library_progress_bar(tmp_path, capf
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out, err)
     assert (hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()) == before
+
+
+def test_clip_direction_on_hand_made_embeddings():
+    """cos(Ê(out) − Ê(in), Ê(after) − Ê(before)) with unit embeddings whose answer is known by hand."""
+
+    def t(*rows):
+        return torch.tensor(rows, dtype=torch.float32)
+
+    e = torch.eye(4)
+    before, after = e[[0]], e[[1]]  # the text moves from axis 0 to axis 1
+    # the image moved exactly as the text did: 1; the edit undone (input and output swapped): -1
+    assert metrics.clip_direction(e[[1]], e[[0]], after, before) == pytest.approx([1.0])
+    assert metrics.clip_direction(e[[0]], e[[1]], after, before) == pytest.approx([-1.0])
+    # a move between axes the text did not touch: 0; half along the text's direction: 1/2
+    assert metrics.clip_direction(e[[3]], e[[2]], after, before) == pytest.approx([0.0])
+    assert metrics.clip_direction(e[[2]], e[[0]], after, before) == pytest.approx([0.5])
+    # embeddings are normalised first (InstructPix2Pix): scaling any of them changes nothing
+    out, inp, text = t([0.6, 0.8, 0.0, 0.0]), t([1.0, 0.0, 0.0, 0.0]), t([0.0, 0.6, 0.8, 0.0])
+    plain = metrics.clip_direction(out, inp, text, before)
+    assert metrics.clip_direction(7 * out, 0.5 * inp, 3 * text, 2 * before) == pytest.approx(plain)
+    expected = (np.array([-0.4, 0.8, 0, 0]) / np.sqrt(0.8)) @ (np.array([-1.0, 0.6, 0.8, 0]) / np.sqrt(2))
+    assert plain == pytest.approx([expected])
+    # an unchanged image scores 0, not NaN; rows are independent
+    rows = metrics.clip_direction(torch.cat([inp, out]), torch.cat([inp] * 2), torch.cat([text] * 2), e[[0, 0]])
+    assert rows[0] == 0.0 and rows[1] == pytest.approx(plain[0])
+
+
+def test_paired_cosine_is_the_row_wise_cosine():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    b = torch.tensor([[0.0, 3.0], [2.0, 2.0], [-1.0, 0.0]])
+    assert metrics.paired_cosine(a, b) == pytest.approx([0.0, 1.0, -1.0])
+    assert metrics.paired_cosine(a, b) == pytest.approx(metrics.cosine_matrix(a, b).diagonal().tolist())

@@ -176,3 +176,65 @@ def test_grid_widens_columns_for_a_version_id_and_never_breaks_it(tmp_path):
     grid = report.render_grid(doc, tmp_path)
     assert grid.size[0] > 220 + 2 * (64 + 4)  # the 12-character id is wider than a 64 px cell: the columns grow
     assert grid.size[1] == 36 + 4 * (48 + 4)  # three header lines fit the usual header
+
+
+def _edit_doc(folder):
+    """``_doc`` as an edit report: two edits (the second without a target), input and target files under inputs/."""
+    doc = _doc(folder)
+    (folder / "inputs").mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("in0", "in1", "t0"):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(folder / f"inputs/{name}.png")
+    for p, row in enumerate(doc["prompts"]):
+        row |= {"name": f"edit{p}", "inputs": [f"inputs/in{p}.png"], "input_sources": [f"src/e{p}_start.png"],
+                "input_sha256": ["0" * 64], "instruction_source": f"src/e{p}.txt",
+                "target": "inputs/t0.png" if p == 0 else None, "target_source": "src/e0_end.png" if p == 0 else None,
+                "width": 64, "height": 48}  # fmt: skip
+    doc["edit"] = {"inputs": "src", "layout": "pair-folder", "instructions": "files", "targets": 1,
+                   "direction_source_caption": "a photo", "output_size": "as its input"}  # fmt: skip
+    doc["metrics"] = {
+        "dino_target": {"label": "DINO to target", "higher_is_better": True, "description": "d"},
+        "clip_direction": {"label": "CLIP direction", "higher_is_better": True, "description": "c"},
+    }
+    doc["aggregate"] = {
+        c: {m: {"mean": v, "ci95": [v - 0.1, v + 0.1], "n": 4, "win_rate": None if c == "c0" else 0.5}
+            for m, v in (("dino_target", 0.5 + i / 10), ("clip_direction", 0.1 - i / 10))}
+        for i, c in enumerate(("c0", "c1"))
+    }  # fmt: skip
+    return doc
+
+
+def test_edit_report_shows_input_outputs_and_target(tmp_path):
+    doc = _edit_doc(tmp_path)
+    paths = report.write_report(tmp_path, doc)
+    page = _Page()
+    page.feed(paths["html"].read_text(encoding="utf-8"))
+    # 1 grid + per row (2 edits x 2 seeds): input, 2 outputs, and the target where there is one (edit 0's rows)
+    assert len(page.img_src) == 1 + 4 * 3 + 2
+    text = " ".join(page.text)
+    assert "DINO to target" in text and "CLIP direction" in text and "edit0" in text and "src/e0_end.png" in text
+    assert sorted(page.best) == [("clip_direction", "0.1000"), ("dino_target", "0.6000")]
+
+    grid = Image.open(paths["grid"])
+    cell_w, cell_h = 64, 48
+    assert grid.size == (220 + 4 * (cell_w + 4), 36 + 4 * (cell_h + 4))  # input | c0 | c1 | target
+    pixels = np.asarray(grid.convert("RGB")).astype(int)
+
+    def cell(column, row):
+        x, y = 220 + column * (cell_w + 4), 36 + row * (cell_h + 4)
+        return pixels[y : y + cell_h, x : x + cell_w]
+
+    def image(name):
+        return np.asarray(Image.open(tmp_path / name).convert("RGB")).astype(int)
+
+    assert np.abs(cell(0, 2) - image("inputs/in1.png")).mean() < 1.0  # edit 1, seed 1: its input
+    assert np.abs(cell(2, 3) - image("images/c1-1-2.png")).mean() < 1.0  # edit 1, seed 2, column c1
+    assert np.abs(cell(3, 0) - image("inputs/t0.png")).mean() < 1.0  # edit 0's target
+    assert (cell(3, 2) == 255).all()  # edit 1 has no target: the cell stays blank
+
+
+def test_a_text_to_image_report_has_no_edit_columns(tmp_path):
+    doc = _doc(tmp_path)
+    report.write_report(tmp_path, doc)
+    html_text = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "<th>input</th>" not in html_text and "<th>target</th>" not in html_text and 'id="edit"' not in html_text

@@ -9,6 +9,12 @@ seed, settings), so re-running with the same ``--out`` after adding a version sa
 
 Every input problem (unknown ref, mixed base models, bad prompt file, unwritable folder, missing token) is raised
 before the first image is sampled.
+
+Edit LoRAs (``inputs=``, ``--inputs``): each version edits the same input images with their instructions (FLUX.1
+Kontext: one input; FLUX.2: up to ten references). A report row is one edit × seed: the input as the model saw it,
+each version's output, and the target when the inputs are pairs. The edit metrics replace the text-to-image ones:
+similarity to the target (DINO, CLIP-I), how much of the input survives (DINO input→output) and instruction
+following (CLIP directional similarity), aggregated with the same paired bootstrap intervals and win rates.
 """
 
 from __future__ import annotations
@@ -57,6 +63,17 @@ METRIC_INFO = {
     "bleed": ("Bleed", False, "DINO similarity to the training images on prompts without the trigger "
               "(lower = less leakage)."),
     "diversity": ("Diversity", True, "1 - mean pairwise DINO cosine between seeds of one prompt (low = memorising)."),
+}  # fmt: skip
+# CLIP directional similarity needs a "before" text; we have only the instruction (the "after" side), so the before
+# side is a neutral caption: the text direction is what the instruction adds to a plain photo (metrics.clip_direction).
+EDIT_SOURCE_CAPTION = "a photo"
+EDIT_METRIC_INFO = {
+    "dino_target": ("DINO to target", True, "DINO ViT-S/16 CLS cosine of the output and the pair's target."),
+    "clip_i_target": ("CLIP-I to target", True, "CLIP image cosine of the output and the pair's target."),
+    "dino_input": ("DINO input→output", True, "DINO cosine of the output and its (first) input: how much of the "
+                   "input survives. Trades off against the edit's strength; 1 = unchanged."),
+    "clip_direction": ("CLIP direction", True, "Instruction following: cosine of the CLIP image change (output - "
+                       f"input) and the text change (instruction - {EDIT_SOURCE_CAPTION!r}); InstructPix2Pix §4."),
 }  # fmt: skip
 
 
@@ -224,10 +241,15 @@ def _training_images(lineage: dict) -> tuple[list[Any] | None, str | None]:
 # ---- sampling ------------------------------------------------------------------------------------------------------
 
 
-def _cache_key(identity: str, scale: float | None, prompt: str, seed: int, settings: dict) -> str:
+def _cache_key(
+    identity: str, scale: float | None, prompt: str, seed: int, settings: dict, inputs: list[str] | None = None
+) -> str:
     """sha256 naming one image: the version's identity (``base``, the LoRA's sha256, or the Replicate version), scale,
-    prompt, seed and every setting that changes pixels. A remote image does not depend on the local base or dtype."""
+    prompt, seed, every setting that changes pixels, and for an edit the sha256 of each input image's file. A remote
+    image does not depend on the local base or dtype."""
     payload = {"v": CACHE_VERSION, "version": identity, "lora_scale": scale, "prompt": prompt, "seed": seed}
+    if inputs:  # only for edits, so text-to-image keys stay as they were
+        payload["inputs"] = list(inputs)
     payload |= {k: settings[k] for k in ("steps", "width", "height", "guidance")}
     if not identity.startswith("replicate:"):
         payload |= {k: settings[k] for k in ("base_model", "max_sequence_length", "dtype")}
@@ -316,6 +338,7 @@ def _sample_local(
             pipe, [job["prompt"]], job["seeds"], steps=settings["steps"], size=size, guidance=settings["guidance"],
             text={k: v[i : i + 1] for k, v in text.items()},
             negative_text={k: v[-1:] for k, v in text.items()} if negative else None,
+            **({"inputs": [job["inputs"]]} if job.get("inputs") else {}),
         )  # fmt: skip
         for image, path in zip(images, job["paths"], strict=True):
             _save_png(image, path)
@@ -366,6 +389,117 @@ def _sample_remote(jobs: list[dict], targets: list[_Target], settings: dict, cli
                 raw.unlink(missing_ok=True)
             bar.update(1)
     return count
+
+
+# ---- edits ---------------------------------------------------------------------------------------------------------
+
+
+def _save_fitted(folder: Path, sha256: str, image: Any) -> str:
+    """Save an input or target as the model saw it (fitted to the edit size) under ``inputs/``, named by the file's
+    hash and that size, so a re-run finds it; returns its path in the report folder."""
+    name = hashlib.sha256(f"{sha256}:{image.width}x{image.height}".encode()).hexdigest()[:24] + ".png"
+    path = folder / "inputs" / name
+    if not path.is_file():
+        _save_png(image, path)
+    return f"inputs/{name}"
+
+
+def _edit_rows(
+    edits: list[tuple[Any, str]], prompt_rows: list[dict], folder: Path, settings: dict, use_targets: bool
+) -> list[list[Any]]:
+    """Add each edit's input (and target) to its report row, saved at the size the model sees; returns each row's
+    decoded input images for ``family.sample_images(inputs=...)``.
+
+    The inputs are fitted as sampling fits them (``models.common.fit_inputs``: the first input's aspect ratio at the
+    area of ``--size``); the target is fitted to that same size the same way, so every image scored against the output
+    has its size."""
+    import math
+
+    from PIL import Image, ImageOps
+
+    from finetune.models.common import fit_inputs
+
+    side = math.isqrt(settings["width"] * settings["height"])
+    (folder / "inputs").mkdir(exist_ok=True)
+    decoded: dict[str, Any] = {}  # by sha256: with every prompt on every input, an input is decoded once
+    row_inputs = []
+    for row, (item, _) in zip(prompt_rows, edits, strict=True):
+        for im in item.inputs:
+            if im.sha256 not in decoded:
+                decoded[im.sha256] = im.open()
+        raw = [decoded[im.sha256] for im in item.inputs]
+        fitted = fit_inputs(raw, side)
+        width, height = fitted[0].size
+        target = item.target if use_targets else None
+        target_file = None
+        if target is not None:
+            fitted_target = ImageOps.fit(target.open(), (width, height), Image.Resampling.LANCZOS)
+            target_file = _save_fitted(folder, target.sha256, fitted_target)
+        row |= {
+            "name": item.name,
+            "inputs": [_save_fitted(folder, im.sha256, f) for im, f in zip(item.inputs, fitted, strict=True)],
+            "input_sources": [im.source for im in item.inputs],
+            "input_sha256": [im.sha256 for im in item.inputs],
+            "instruction_source": item.instruction_source if use_targets else None,
+            "target": target_file,
+            "target_source": target.source if target is not None else None,
+            "width": width,
+            "height": height,
+        }
+        row_inputs.append(raw)
+    return row_inputs
+
+
+def _score_edits(doc: dict, targets: list[_Target], folder: Path, scorers: metrics.Scorers) -> None:
+    """Fill each output's edit scores: ``clip_direction`` and ``clip_i_target`` (CLIP), ``dino_input`` and
+    ``dino_target`` (DINO). Target scores only where the row has a target; the input is the first one, as fitted."""
+    from PIL import Image
+
+    def load(name: str) -> Any:
+        with Image.open(folder / name) as im:
+            return im.convert("RGB")
+
+    images, rows = doc["images"], doc["prompts"]
+    outputs = [load(e["file"]) for e in images]
+    inputs = [load(r["inputs"][0]) for r in rows]
+    with_target = [p for p, r in enumerate(rows) if r.get("target")]
+    target_images = [load(rows[p]["target"]) for p in with_target]
+    input_of = [e["prompt_index"] for e in images]
+    scored = [n for n, e in enumerate(images) if rows[e["prompt_index"]].get("target")]
+    target_of = [with_target.index(images[n]["prompt_index"]) for n in scored]
+    column_target = {c["key"]: c["version"] for c in doc["columns"]}
+    default_trigger = next((t.trigger_word for t in targets if t.trigger_word), "")
+
+    def put(metric: str, which: list[int], values: list[float]) -> None:
+        for n, value in zip(which, values, strict=True):
+            images[n]["scores"][metric] = value
+
+    everything = list(range(len(images)))
+    clip = scorers.clip
+    if clip is not None:
+        out_embeds = scorers.timed(clip.embed_images, outputs)
+        in_embeds = scorers.timed(clip.embed_images, inputs)
+        # The instruction as CLIP reads it: the trigger word the version's prompt got (base: the default) removed.
+        texts = [
+            metrics.remove_trigger(e["prompt"], targets[column_target[e["column"]]].trigger_word or default_trigger)
+            for e in images
+        ]
+        unique = sorted(set(texts))
+        text_embeds = scorers.timed(clip.embed_texts, [*unique, EDIT_SOURCE_CAPTION])
+        after = text_embeds[[unique.index(t) for t in texts]]
+        before = text_embeds[-1:].expand(len(images), -1)
+        put("clip_direction", everything, metrics.clip_direction(out_embeds, in_embeds[input_of], after, before))
+        if scored:
+            target_embeds = scorers.timed(clip.embed_images, target_images)
+            put("clip_i_target", scored, metrics.paired_cosine(out_embeds[scored], target_embeds[target_of]))
+    dino = scorers.dino
+    if dino is not None:
+        out_embeds = scorers.timed(dino.embed_images, outputs)
+        in_embeds = scorers.timed(dino.embed_images, inputs)
+        put("dino_input", everything, metrics.paired_cosine(out_embeds, in_embeds[input_of]))
+        if scored:
+            target_embeds = scorers.timed(dino.embed_images, target_images)
+            put("dino_target", scored, metrics.paired_cosine(out_embeds[scored], target_embeds[target_of]))
 
 
 # ---- scoring -------------------------------------------------------------------------------------------------------
@@ -437,7 +571,8 @@ def _reference_scores(images, image_embeds, refs_for, column_target, metric, sco
 def _aggregate(doc: dict) -> None:
     """Fill ``doc["metrics"]`` and ``doc["aggregate"]``: per column and metric, the mean with a bootstrap 95% CI and
     the paired win rate against the reference column. CLIP-I and DINO count only prompts with the trigger (they ask
-    for the subject); DINO on the other prompts is reported as bleed."""
+    for the subject); DINO on the other prompts is reported as bleed. Edit metrics count every row (edit × seed)."""
+    info = EDIT_METRIC_INFO if "edit" in doc else METRIC_INFO
     has_trigger = [p["has_trigger"] for p in doc["prompts"]]
     per_column: dict[str, dict[str, dict]] = {c["key"]: {} for c in doc["columns"]}
     for entry in doc["images"]:
@@ -454,7 +589,7 @@ def _aggregate(doc: dict) -> None:
     present = {m for by_metric in per_column.values() for m in by_metric}
     doc["metrics"] = {
         m: {"label": label, "higher_is_better": better, "description": desc}
-        for m, (label, better, desc) in METRIC_INFO.items()
+        for m, (label, better, desc) in info.items()
         if m in present
     }
     reference = per_column[doc["reference_column"]]
@@ -463,7 +598,7 @@ def _aggregate(doc: dict) -> None:
             metric: metrics.paired_summary(
                 values,
                 None if column == doc["reference_column"] else reference.get(metric),
-                higher_is_better=METRIC_INFO[metric][1],
+                higher_is_better=info[metric][1],
             )
             for metric, values in by_metric.items()
         }
@@ -476,6 +611,7 @@ def evaluate(
     refs: list[str],
     *,
     prompts: list[str] | None = None,
+    inputs: str | Path | None = None,
     seeds: tuple[int, ...] | list[int] = (1, 2),
     steps: int | None = None,
     size: int | str | tuple[int, int] | None = None,
@@ -498,7 +634,13 @@ def evaluate(
         refs: ``owner/name[:<id>]`` (registry), ``base``, a ``.safetensors`` path, or
             ``replicate:owner/name:<version>``. The first is the reference for win rates.
         prompts: prompt templates; ``[trigger]``/``{trigger}`` become each version's trigger word (``base``: the
-            first versioned REF's). None: ``DEFAULT_PROMPTS``.
+            first versioned REF's). None: ``DEFAULT_PROMPTS``, or with ``inputs`` each edit's own instruction.
+        inputs: edit LoRAs: a pair zip from ``finetune prepare``, a folder of ``NAME_start.EXT`` (+ ``NAME_end.EXT``)
+            + ``NAME.txt``, or a folder of ``NAME.EXT`` + ``NAME.txt`` (``finetune.data.edit_inputs``). Each version
+            edits every input with its instruction; a pair's target is shown and scored against. With ``prompts``
+            too, every prompt is applied to every input instead and the instruction files are neither needed nor
+            used (nor the targets, which show other edits). The base model must take input images (FLUX.1 Kontext,
+            FLUX.2); remote versions cannot be sampled on inputs.
         seeds, steps, size, guidance: sampling settings, equal for every version; None = the base model's defaults
             (the family's ``default_sampling``). ``size`` is ``1024`` or ``"768x1024"`` (width x height).
         lora_scales: every LoRA version is sampled at each scale (one report column each).
@@ -541,6 +683,17 @@ def evaluate(
                 "one base, or pass --allow-mixed-base to sample them all on the first one anyway."
             )
         warnings.append(f"Mixed base models: every local version was sampled on {base}, but {listing}.")
+    edit_set = None
+    if inputs is not None:
+        from finetune.data.edit_inputs import read_edit_inputs
+
+        remote = [t.ref for t in targets if t.kind == "replicate"]
+        if remote:
+            raise FinetuneError(
+                f"--inputs: {remote[0]} is a Replicate version; eval samples edits on local versions only (a registry "
+                "version, a .safetensors file or base). Leave it out, or download its LoRA and pass the file."
+            )
+        edit_set = read_edit_inputs(inputs, need_instructions=prompts is None)
     if any(t.kind == "replicate" for t in targets):
         from finetune.replicate import load_token
 
@@ -551,7 +704,15 @@ def evaluate(
             )
 
     # Prompts, with each version's trigger word; base (and versions without one) use the first versioned REF's.
-    templates = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
+    edits: list[tuple[Any, str]] = []  # (EditInput, instruction template) per report row, input-major
+    if edit_set is not None:
+        if prompts is not None:  # every prompt on every input: the files' instructions are not read
+            edits = [(item, p) for item in edit_set.items for p in prompts]
+        else:
+            edits = [(item, item.instruction) for item in edit_set.items]
+        templates = [template for _, template in edits]
+    else:
+        templates = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     for n, template in enumerate(templates):
         if not isinstance(template, str) or not template.strip():
             raise FinetuneError(f"prompt #{n + 1} is empty; every prompt needs text")
@@ -560,6 +721,19 @@ def evaluate(
         warnings.append("No REF has a trigger word: [trigger] was replaced by an empty string.")
 
     family = models.family_for(base)
+    if edit_set is not None:
+        most = max(edit_set.items, key=lambda item: len(item.inputs))
+        if family.MAX_REFERENCES == 0:
+            raise FinetuneError(
+                f"--inputs {edit_set.path}: the base model {base} is {family.LABEL}, which takes no input image. "
+                "Edits are evaluated on FLUX.1 Kontext or FLUX.2: give a version trained on one (or set base_model in "
+                "--config), or drop --inputs to compare text-to-image."
+            )
+        if len(most.inputs) > family.MAX_REFERENCES:
+            raise FinetuneError(
+                f"--inputs: {most.inputs[-1].source}: edit {most.name!r} has {len(most.inputs)} input images, but "
+                f"{family.LABEL} takes at most {family.MAX_REFERENCES}; remove the extra NAME_start_N images"
+            )
     defaults = family.default_sampling(base)
     width, height = parse_size(size if size is not None else defaults["size"])
     device_ = models.resolve_device(device)
@@ -603,6 +777,15 @@ def evaluate(
     # The report's columns (version × scale) and its images; anything already cached is reused.
     columns, jobs, images = [], [], []
     prompt_rows = [{"template": p, "has_trigger": bool(TRIGGER_RE.search(p))} for p in templates]
+    row_inputs: list[list[Any] | None] = [None] * len(templates)  # an edit's decoded input images, shared by columns
+    if edit_set is not None:
+        use_targets = prompts is None
+        row_inputs = _edit_rows(edits, prompt_rows, folder, settings, use_targets)
+        if not use_targets and any(item.target is not None for item in edit_set.items):
+            warnings.append(
+                "The targets in --inputs were not used: --prompt/--prompts replaced the pairs' instructions, so the "
+                "targets do not show those edits."
+            )
     for t_index, target in enumerate(targets):
         scales = [None] if target.kind == "base" else lora_scales
         trigger = target.trigger_word or default_trigger
@@ -621,8 +804,11 @@ def evaluate(
                     "seeds": [],
                     "paths": [],
                 }
+                if row_inputs[p_index] is not None:
+                    missing["inputs"] = row_inputs[p_index]
+                input_hashes = prompt_rows[p_index].get("input_sha256")
                 for seed in seeds:
-                    digest = _cache_key(identity, scale, prompt, seed, settings)
+                    digest = _cache_key(identity, scale, prompt, seed, settings, input_hashes)
                     path = folder / "images" / f"{digest[:24]}.png"
                     cached = path.is_file()
                     images.append(
@@ -687,8 +873,20 @@ def evaluate(
         "timings": timings,
         "counters": counters,
     }
+    if edit_set is not None:
+        doc["edit"] = {
+            "inputs": str(edit_set.path),
+            "layout": edit_set.layout,
+            "instructions": "files" if prompts is None else "prompts (each applied to every input)",
+            "targets": sum(bool(row.get("target")) for row in prompt_rows),
+            "direction_source_caption": EDIT_SOURCE_CAPTION,
+            "output_size": "each output takes its first input's aspect ratio at the area of width x height",
+        }
     scorers = metrics.Scorers(clip_model, dino_model, device=device_)
-    _score(doc, targets, folder, scorers, notes)
+    if edit_set is not None:
+        _score_edits(doc, targets, folder, scorers)
+    else:
+        _score(doc, targets, folder, scorers, notes)
     for line in warnings + notes:  # the scorers logged their own notes when a model failed to load
         log.warning(line)
     notes[:0] = scorers.notes
@@ -726,6 +924,8 @@ def _append_history(registry: Registry, doc: dict, targets: list[_Target], metri
             "reference": reference, "prompts": [p["template"] for p in doc["prompts"]], "settings": settings,
             "lora_scales": results, "notes": doc["notes"],
         }  # fmt: skip
+        if "edit" in doc:  # which inputs the edit metrics are about
+            summary["inputs"] = doc["edit"]["inputs"]
         try:
             registry.append_eval(target.version, summary)
         except (OSError, RegistryError) as e:
