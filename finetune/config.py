@@ -41,6 +41,8 @@ DEFAULT_PROMPTS = (
 SIGMA_SAMPLING_RE = re.compile(r"^(flux_shift|flux2_shift|logit_normal|uniform|shift=\d+(\.\d+)?)$")
 OUTPUT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 INPUT_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a Cog input is a Python parameter name
+ENV_VALUE_RE = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")  # remote.inputs.NAME: env:VAR, read when submitting
+SECRET_WORDS = ("token", "api_key", "apikey", "secret", "password")  # input names that hold a secret
 
 
 def _meta(doc: str, *, ge: float | None = None, le: float | None = None, pattern: re.Pattern | None = None) -> dict:
@@ -393,6 +395,11 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     for name, value in cfg.remote.inputs.items():
         if not INPUT_NAME_RE.match(name):
             errors.append(f"remote.inputs: {name!r} is not an input name (letters, digits and '_', as Cog names them)")
+        elif any(word in name.lower() for word in SECRET_WORDS) and not ENV_VALUE_RE.match(str(value)):
+            errors.append(
+                f"remote.inputs.{name}: a secret never goes into a config (`finetune config show`, run folders and "
+                f"lineage would hold it); export it and write `{name}: env:{name.upper()}`, read when submitting"
+            )
         elif not _json_value(value):
             errors.append(
                 f"remote.inputs.{name}: {value!r} is a {type(value).__name__}, which JSON cannot carry; quote it "

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from finetune.config import SECRET_WORDS
 from finetune.dataset import IMAGE_SUFFIXES, PAIR_STEM
 from finetune.errors import EXIT_FAILURE, FinetuneError
 from finetune.files import atomic_file
@@ -47,7 +48,6 @@ LORA_MEMBER = "output/flux_train_replicate/lora.safetensors"
 SECRET_INPUTS = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY"}
 KONTEXT_TRAINER = "replicate/fast-flux-kontext-trainer"  # FLUX.1 Kontext [dev] edit LoRAs (flux-family-2026 §3)
 KONTEXT_BASE = "black-forest-labs/FLUX.1-Kontext-dev"
-_SECRET_WORDS = ("token", "api_key", "apikey", "secret", "password")
 STATE_FILE = "remote.json"  # a remote run's state in its run folder (recipes/train_remote.py)
 RUNS_ROOT = Path("runs")
 _PROGRESS = re.compile(
@@ -58,7 +58,7 @@ _PROGRESS = re.compile(
 def is_secret_input(name: str, prop: Mapping | None = None) -> bool:
     """An input whose value must never be printed or stored: a known secret, a name that says so, or one the schema
     marks (Cog writes ``format: password`` and ``x-cog-secret`` for a ``Secret`` input)."""
-    if name in SECRET_INPUTS or any(word in name.lower() for word in _SECRET_WORDS):
+    if name in SECRET_INPUTS or any(word in name.lower() for word in SECRET_WORDS):
         return True
     return bool(prop) and (prop.get("format") == "password" or bool(prop.get("x-cog-secret")))
 

@@ -411,12 +411,15 @@ def test_a_failed_kontext_training_shows_its_error_and_logs_and_registers_nothin
     assert len(replicate_stub.trainings) == 1 and Registry().models() == []
 
 
-def test_remote_inputs_pass_through_replace_mapped_inputs_and_keep_secrets_out(replicate_stub, tmp_path, capsys):
+def test_remote_inputs_pass_through_replace_mapped_inputs_and_keep_secrets_out(
+    replicate_stub, tmp_path, capsys, monkeypatch
+):
     secret = "hf_remoteINPUTSsecret0123456789"
+    monkeypatch.setenv("MY_HF_TOKEN", secret)  # a secret input names its environment variable, never its value
     cfg_path = write_config(
         tmp_path,
         train__steps=300,
-        remote__inputs={"steps": 500, "cache_latents_to_disk": True, "hf_token": secret},
+        remote__inputs={"steps": 500, "cache_latents_to_disk": True, "hf_token": "env:MY_HF_TOKEN"},
     )
     assert run_cli(["train", str(cfg_path), "remote.inputs.layers_to_optimize_regex=transformer.single"]) == 0
     out, err = capsys.readouterr()
@@ -433,6 +436,19 @@ def test_remote_inputs_pass_through_replace_mapped_inputs_and_keep_secrets_out(r
     (version,) = Registry().versions("me/tok")
     assert version.lineage["replicate"]["inputs"]["steps"] == 500
     assert "hf_token" not in version.lineage["config"]["remote"]["inputs"]
+
+
+def test_a_secret_input_must_come_from_the_environment(replicate_stub, tmp_path, capsys, monkeypatch):
+    literal = write_config(tmp_path, remote__inputs={"hf_token": "hf_literalSECRET"})
+    assert run_cli(["config", "show", str(literal)]) == 2
+    err = capsys.readouterr().err
+    assert "remote.inputs.hf_token: a secret never goes into a config" in err and "hf_token: env:HF_TOKEN" in err
+    assert "hf_literalSECRET" not in err
+    monkeypatch.delenv("UNSET_TOKEN_VAR", raising=False)
+    unset = write_config(tmp_path, remote__inputs={"hf_token": "env:UNSET_TOKEN_VAR"})
+    assert run_cli(["train", str(unset)]) == 2
+    assert "environment variable UNSET_TOKEN_VAR, which is not set" in capsys.readouterr().err
+    assert replicate_stub.trainings == {} and replicate_stub.count("POST", r"/v1/files") == 0
 
 
 @pytest.mark.parametrize(

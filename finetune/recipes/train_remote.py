@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune import models
-from finetune.config import Config, config_to_dict
+from finetune.config import ENV_VALUE_RE, Config, config_to_dict
 from finetune.errors import EXIT_FAILURE, EXIT_USAGE, FinetuneError
 from finetune.files import sha256_file, write_atomic
 from finetune.replicate import (
@@ -354,6 +354,7 @@ def _add_extra_inputs(cfg: Config, inputs: dict[str, Any], origin: dict[str, str
     """Add ``remote.inputs`` (each replaces a mapped input of its name); returns one line per replaced input."""
     replaced = []
     for name, value in cfg.remote.inputs.items():
+        value = _from_environment(name, value)
         if name in inputs and not is_secret_input(name):
             replaced.append(f"remote.inputs.{name}={value!r} replaces {origin[name]} ({name}={inputs[name]!r})")
         elif name in inputs:
@@ -361,6 +362,20 @@ def _add_extra_inputs(cfg: Config, inputs: dict[str, Any], origin: dict[str, str
         inputs[name] = value
         origin[name] = f"remote.inputs.{name}"
     return replaced
+
+
+def _from_environment(name: str, value: Any) -> Any:
+    """``env:VAR`` → the environment variable's value (how secrets reach a trainer without entering the config)."""
+    match = ENV_VALUE_RE.match(value) if isinstance(value, str) else None
+    if match is None:
+        return value
+    if not os.environ.get(match[1]):
+        raise FinetuneError(
+            f"remote.inputs.{name}: {value} names environment variable {match[1]}, which is not set; export it "
+            "before training",
+            EXIT_USAGE,
+        )
+    return os.environ[match[1]]
 
 
 def _unhonoured(cfg: Config, kind: str, mapped_keys: set[str]) -> list[str]:
