@@ -259,7 +259,7 @@ def render_html(doc: dict, folder: Path, grid_png: bytes | None = None) -> str:
         with Image.open(folder / file) as im:
             uri = _data_uri(im, THUMB_PX)
         img = f'<img alt="{esc(alt)}" title="{esc(alt)}" src="{uri}">'
-        return f"<td><figure>{img}<figcaption>{caption}</figcaption></figure></td>"
+        return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
 
     first = "<th>edit</th><th>instruction</th><th>seed</th><th>input</th>" if edit else "<th>prompt</th><th>seed</th>"
     out.append(f'<h2>Images</h2><table id="images"><tr>{first}')
@@ -270,7 +270,9 @@ def render_html(doc: dict, folder: Path, grid_png: bytes | None = None) -> str:
         prompt = doc["prompts"][prompt_index]
         if edit:
             out.append(f"<tr><td>{esc(prompt['name'])}</td><td>{esc(prompt['template'])}</td><td>{seed}</td>")
-            out.append(figure(prompt["inputs"][0], f"input {', '.join(prompt['input_sources'])}"))
+            # every input (FLUX.2 takes several references); the grid shows the first, whose aspect the output has
+            shown = zip(prompt["inputs"], prompt["input_sources"], strict=True)
+            out.append("<td>" + "".join(figure(file, f"input {source}") for file, source in shown) + "</td>")
         else:
             out.append(f"<tr><td>{esc(prompt['template'])}</td><td>{seed}</td>")
         for column in doc["columns"]:
@@ -289,7 +291,8 @@ def render_html(doc: dict, folder: Path, grid_png: bytes | None = None) -> str:
             )
         if targets:
             target = prompt.get("target")
-            out.append(figure(target, f"target {prompt['target_source']}") if target else "<td>–</td>")
+            alt = f"target {prompt['target_source']}"
+            out.append(f"<td>{figure(target, alt)}</td>" if target else "<td>–</td>")
         out.append("</tr>")
     out.append("</table>")
 

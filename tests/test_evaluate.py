@@ -478,3 +478,37 @@ def test_edit_cache_key_includes_the_input_and_text_to_image_keys_are_unchanged(
         _cache_key("base", None, "p", 1, settings, ["b" * 64]),
     )
     assert len({plain, one, two}) == 3
+
+
+@pytest.mark.slow
+def test_edit_eval_on_flux2_takes_several_references(tmp_path, tiny_scorer_dirs):
+    """FLUX.2 [klein] edits with two references per input (true CFG at the default guidance 4): both references are
+    shown in the page, the output takes the first one's aspect ratio, the edit metrics are finite."""
+    from prepare_fixtures import smooth
+
+    from finetune.models import flux2
+
+    base = flux2.save_preset("flux2-tiny", tmp_path / "flux2-tiny")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    smooth(1, (256, 128)).save(folder / "a_start.png")
+    smooth(2, (128, 128)).save(folder / "a_start_2.png")
+    smooth(3, (256, 128)).save(folder / "a_end.png")
+    (folder / "a.txt").write_text("put the second picture into the first", encoding="utf-8")
+    clip_dir, dino_dir = tiny_scorer_dirs
+    # 128 px: FLUX.2's pipeline wants both sides of every reference ≥ 64 px
+    result = evaluate(["base"], base_model=str(base), inputs=folder, seeds=(1,), steps=1, size=128, progress=False,
+                      out=tmp_path / "report", registry=Registry(tmp_path / "home"), clip_model=clip_dir,
+                      dino_model=dino_dir)  # fmt: skip
+    doc = result.doc
+    (row,) = doc["prompts"]
+    assert (
+        len(row["inputs"]) == 2 and (row["width"], row["height"]) == Image.open(result.out_dir / row["inputs"][0]).size
+    )
+    assert row["width"] > row["height"] and Image.open(result.out_dir / doc["images"][0]["file"]).size == (
+        row["width"], row["height"])  # fmt: skip
+    assert set(doc["images"][0]["scores"]) == EDIT_METRICS
+    assert all(np.isfinite(v) for v in doc["images"][0]["scores"].values())
+    page = Page()
+    page.feed(result.html_path.read_text())
+    assert len(page.imgs) == 1 + 2 + 1 + 1  # grid, two inputs, the output, the target
