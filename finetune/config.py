@@ -21,10 +21,15 @@ import yaml
 __all__ = [
     "Config",
     "ConfigError",
+    "DatasetEntry",
+    "EmaConfig",
     "LoraConfig",
+    "PreservationConfig",
+    "RegularizationConfig",
     "RemoteConfig",
     "SampleConfig",
     "TrainConfig",
+    "ValidationConfig",
     "apply_overrides",
     "config_to_dict",
     "dump_config",
@@ -69,6 +74,56 @@ class LoraConfig:
     save_dtype: Literal["bfloat16", "float16", "float32"] = _field(
         "bfloat16", "dtype of the registered LoRA file (half of float32's size); checkpoints always keep float32."
     )
+
+
+@dataclass
+class PreservationConfig:
+    class_word: str = _field(
+        "",
+        "Differential output preservation (ai-toolkit's DOP), e.g. person: each caption with the trigger word "
+        "replaced by this word is also trained towards the base model's own prediction (LoRA off); empty = off.",
+    )
+    weight: float = _field(1.0, "Weight of the preservation loss beside the training loss.", ge=0.0)
+
+
+@dataclass
+class RegularizationConfig:
+    dataset: str = _field(
+        "",
+        "Prior preservation: a zip from `finetune prepare` of class images (captions without the trigger word); "
+        "each training micro-batch is followed by one of these; empty = off.",
+    )
+    weight: float = _field(1.0, "Weight of the regularisation images' loss.", ge=0.0)
+
+
+@dataclass
+class EmaConfig:
+    decay: float = _field(
+        0.0,
+        "EMA of the LoRA weights after each optimizer step (0 = off; 0.99 typical); the registered file, "
+        "samples and validation loss then use the EMA weights.",
+        ge=0.0,
+        le=0.99999,
+    )
+    device: Literal["cpu", "same"] = _field("cpu", "Where the EMA copy lives: cpu (no device memory) or same.")
+
+
+@dataclass
+class ValidationConfig:
+    split: float = _field(
+        0.0,
+        "Share of the images held out of training for the fixed-σ validation loss (0 = validate on training "
+        "images, as before).",
+        ge=0.0,
+        le=0.5,
+    )
+    dataset: str = _field("", "A zip from `finetune prepare` used only for the validation loss; empty = none.")
+
+
+@dataclass
+class DatasetEntry:
+    path: str = _field("", "Dataset zip from `finetune prepare`.")
+    repeats: int = _field(1, "How many times each image of this zip appears per epoch.", ge=1, le=1000)
 
 
 @dataclass
@@ -123,6 +178,19 @@ class TrainConfig:
         "",
         "Opt in: also log metrics and samples to this W&B project (needs wandb and WANDB_API_KEY or `wandb login`).",
     )
+    flip: bool = _field(
+        False,
+        "Train on horizontally flipped copies too (cached, half the draws); off: text and asymmetric subjects "
+        "(a parting, a logo) learn both ways.",
+    )
+    preservation: PreservationConfig = field(
+        default_factory=PreservationConfig, metadata=_meta("Differential output preservation.")
+    )
+    regularization: RegularizationConfig = field(
+        default_factory=RegularizationConfig, metadata=_meta("Regularisation (prior preservation) images.")
+    )
+    ema: EmaConfig = field(default_factory=EmaConfig, metadata=_meta("EMA of the LoRA weights."))
+    validation: ValidationConfig = field(default_factory=ValidationConfig, metadata=_meta("Held-out validation."))
 
 
 @dataclass
@@ -181,7 +249,11 @@ class Config:
         "preset:kontext-tiny|kontext-small (FLUX.1 Kontext), preset:flux2-tiny|flux2-small|flux2-dev-tiny (FLUX.2).",
     )
     output: str = _field("local/flux-lora", "Registry model (owner/name) that receives the new version.")
-    dataset: str = _field("", "Dataset zip from `finetune prepare` (or an https:// URL for the remote backend).")
+    dataset: str | list[str | DatasetEntry] = _field(
+        "",
+        "Dataset zip from `finetune prepare` (or an https:// URL for the remote backend); local training also takes "
+        "a list of zips or {path, repeats} entries.",
+    )
     trigger_word: str = _field("TOK", "Word that names the subject or style in captions and prompts.")
     backend: Literal["local", "replicate"] = _field("local", "Where training runs.")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata=_meta("LoRA adapter."))
@@ -246,6 +318,8 @@ def _type_name(tp: Any) -> str:
         return f"mapping of {_type_name(key_tp)} to {_type_name(value_tp)}"
     if tp is Any:
         return "any value"
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(_fields(tp)) + "} mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -253,6 +327,16 @@ def _coerce(value: Any, tp: Any) -> Any:
     """Convert ``value`` to the declared type ``tp`` or raise ValueError with a short reason."""
     if tp is Any:  # passed as YAML gave it (remote.inputs values: the trainer's schema checks them)
         return value
+    if dataclasses.is_dataclass(tp):  # a mapping inside a list (dataset: [{path, repeats}])
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping of {', '.join(_fields(tp))}")
+        errors: list[str] = []
+        built = _build(tp, value, "", errors, candidates=list(_fields(tp)))
+        if errors:
+            raise ValueError("; ".join(errors))
+        return built
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -267,8 +351,10 @@ def _coerce(value: Any, tp: Any) -> Any:
             try:
                 return _coerce(value, arg)
             except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(f"must be {_type_name(tp)}")
+                if arg not in (str, int, float, bool):  # a list or mapping says which part is wrong: keep that
+                    errors.append(str(e))
+        detail = next((e for e in errors if not e.startswith("must be")), "")
+        raise ValueError(detail or f"must be {_type_name(tp)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp is not str:
@@ -338,10 +424,10 @@ def _check_bounds(key: str, value: Any, meta: dict, errors: list[str]) -> None:
         errors.append(f"{key}: {value!r} is not valid; {meta['doc']}")
 
 
-def _build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
+def _build(cls: type, data: dict, prefix: str, errors: list[str], candidates: list[str] | None = None) -> Any:
     fields = _fields(cls)
     hints = _hints(cls)
-    candidates = all_keys(Config)
+    candidates = all_keys(Config) if candidates is None else candidates
     kwargs = {}
     for key, value in data.items():
         dotted = prefix + str(key)
@@ -385,6 +471,7 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append(f"lora.targets: {cfg.lora.targets!r} must be 'all-linear', 'attention' or a list of modules")
     if isinstance(cfg.lora.targets, list) and not cfg.lora.targets:
         errors.append("lora.targets: an empty list trains nothing")
+    _validate_training_data(cfg, errors)
     bad_events = sorted(set(cfg.remote.webhook_events) - {"start", "output", "logs", "completed"})
     if bad_events:
         errors.append(f"remote.webhook_events: {bad_events} not allowed; use start, output, logs, completed")
@@ -405,6 +492,41 @@ def _validate(cfg: Config, errors: list[str]) -> None:
                 f"remote.inputs.{name}: {value!r} is a {type(value).__name__}, which JSON cannot carry; quote it "
                 "to send it as a string"
             )
+
+
+def _validate_training_data(cfg: Config, errors: list[str]) -> None:
+    """The dataset list and the issue-16 sections (preservation, regularisation, EMA, validation)."""
+    if isinstance(cfg.dataset, list):
+        if not cfg.dataset:
+            errors.append("dataset: an empty list trains nothing; give a zip or a list of zips")
+        for i, entry in enumerate(cfg.dataset):
+            path = entry if isinstance(entry, str) else entry.path
+            if not path.strip():
+                errors.append(f"dataset[{i}]: needs a path, e.g. {{path: data/tok.zip, repeats: 2}}")
+            elif path.startswith(("https://", "http://")):
+                errors.append(f"dataset[{i}]: {path} is a URL; a dataset list takes local zips (local training)")
+        if cfg.backend == "replicate":
+            errors.append(
+                "dataset: a list of zips (with repeats) trains locally only; Replicate's trainers take one zip: "
+                "set backend: local, or merge the folders with one `finetune prepare A B -o all.zip`"
+            )
+    pres = cfg.train.preservation
+    word = pres.class_word.strip()
+    if pres.class_word and (not word or "\n" in word or "[trigger]" in word):
+        errors.append(f"train.preservation.class_word: {pres.class_word!r} must be a word or phrase, e.g. person")
+    elif word and word == cfg.trigger_word.strip():
+        errors.append(
+            f"train.preservation.class_word: {word!r} is the trigger word; name the class the subject belongs to "
+            "(person, dog, style), which the LoRA must leave as the base model draws it"
+        )
+    if cfg.train.ema.decay >= 1.0:
+        errors.append("train.ema.decay: must be below 1 (1 would never move); 0.99 is typical, 0 turns EMA off")
+    val = cfg.train.validation
+    if val.split and val.dataset:
+        errors.append(
+            "train.validation: set split (hold out a share of the training images) or dataset (a separate zip), "
+            "not both"
+        )
 
 
 def _json_value(value: Any) -> bool:
@@ -496,6 +618,8 @@ def config_to_dict(cfg: Config) -> dict:
     out = {}
     for name in _fields(type(cfg)):
         value = getattr(cfg, name)
+        if isinstance(value, list):
+            value = [config_to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
         out[name] = config_to_dict(value) if dataclasses.is_dataclass(value) else value
     return out
 

@@ -107,3 +107,49 @@ def test_remote_inputs_and_instruction_errors_name_the_key():
         parse_config({"remote": {"inputs": [1]}})
     with pytest.raises(ConfigError, match="did you mean 'remote.inputs'"):
         parse_config({"remote": {"input": {"a": 1}}})
+
+
+def test_issue16_training_sections_default_off_and_round_trip(tmp_path):
+    cfg = Config()
+    assert cfg.train.preservation.class_word == "" and cfg.train.preservation.weight == 1.0
+    assert cfg.train.regularization.dataset == "" and cfg.train.ema.decay == 0.0 and cfg.train.ema.device == "cpu"
+    assert cfg.train.validation.split == 0.0 and cfg.train.validation.dataset == "" and cfg.train.flip is False
+    cfg = load_config(
+        write(tmp_path, "train:\n  preservation: {class_word: person, weight: '0.5'}\n  ema: {decay: 0.99}\n"),
+        ["train.validation.split=0.25", "train.flip=yes", "train.regularization.dataset=reg.zip"],
+    )
+    assert cfg.train.preservation.weight == 0.5 and cfg.train.ema.decay == 0.99 and cfg.train.flip is True
+    assert "train.preservation.class_word" in cfg.explicit and "train.validation.split" in cfg.explicit
+    assert load_config(write(tmp_path, dump_config(cfg))) == cfg
+
+
+def test_dataset_is_a_zip_or_a_list_of_zips_and_path_repeats_entries(tmp_path):
+    from finetune.config import DatasetEntry
+
+    cfg = load_config(write(tmp_path, "dataset:\n  - a.zip\n  - {path: b.zip, repeats: 3}\n"))
+    assert cfg.dataset == ["a.zip", DatasetEntry(path="b.zip", repeats=3)]
+    assert load_config(write(tmp_path, dump_config(cfg))) == cfg
+    assert load_config(None, ["dataset=one.zip"]).dataset == "one.zip"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"dataset": [{"path": "b.zip", "repeat": 2}]}, "unknown key 'repeat' (did you mean 'repeats'?)"),
+        ({"dataset": [{"path": "b.zip", "repeats": 0}]}, "repeats: 0 is out of range"),
+        ({"dataset": [{"repeats": 2}]}, "dataset[0]: needs a path"),
+        ({"dataset": []}, "dataset: an empty list trains nothing"),
+        ({"dataset": ["a.zip", "b.zip"], "backend": "replicate"}, "trains locally only"),
+        ({"train": {"ema": {"device": "gpu"}}}, "train.ema.device: 'gpu' must be one of 'cpu', 'same'"),
+        ({"train": {"ema": {"decay": 1.0}}}, "train.ema.decay: 1.0 is out of range"),
+        ({"train": {"validation": {"split": 0.2, "dataset": "v.zip"}}}, "not both"),
+        ({"train": {"validation": {"split": 0.9}}}, "train.validation.split: 0.9 is out of range"),
+        ({"train": {"preservation": {"class_word": "TOK"}}}, "is the trigger word"),
+        ({"train": {"preservation": {"weight": -1}}}, "train.preservation.weight: -1.0 is out of range"),
+        ({"train": {"ema": 0.99}}, "train.ema: must be a mapping of decay, device"),
+    ],
+)
+def test_issue16_keys_are_checked_and_named(data, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert any(message in error for error in e.value.errors), e.value.errors

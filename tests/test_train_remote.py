@@ -519,3 +519,20 @@ def test_a_flux2_base_trains_on_a_trainer_of_ones_own_with_remote_inputs(replica
             assert secret.encode() not in path.read_bytes(), path
     (version,) = Registry().versions("me/tok")
     assert version.lineage["base_model"] == base and version.lineage["replicate"]["trainer"] == trainer
+
+
+def test_the_local_training_features_are_reported_when_set_and_not_when_off():
+    on = [
+        "train.preservation.class_word=person",
+        "train.regularization.dataset=reg.zip",
+        "train.ema.decay=0.99",
+        "train.validation.split=0.2",
+        "train.flip=true",
+    ]
+    _, _, unmapped = map_inputs(load_config(None, on))
+    assert len(unmapped) == len(on)
+    for key, line in zip(sorted(on), unmapped, strict=True):
+        assert line.startswith(key.split("=")[0]) and "trains locally (backend: local)" in line
+    assert "differential output preservation" in " ".join(unmapped)
+    _, _, unmapped = map_inputs(load_config(None, ["train.ema.decay=0", "train.flip=false"]))
+    assert unmapped == []

@@ -113,6 +113,14 @@ LOCAL_ONLY = {
     "output",
     "dataset",
 }
+# Issue 16's training features (key prefix → what it is): no Replicate trainer has them; set, they are reported.
+LOCAL_TRAINING_FEATURES = {
+    "train.preservation.": "differential output preservation",
+    "train.regularization.": "regularisation images",
+    "train.ema.": "EMA of the LoRA weights",
+    "train.validation.": "held-out validation",
+    "train.flip": "horizontal flip",
+}
 # Settings the trainer fixes; setting them explicitly to these values is honoured (ai-toolkit train.py, ref. §9.1).
 TRAINER_FIXED = {
     "train.lr_scheduler": "constant",
@@ -427,6 +435,11 @@ def _unhonoured(cfg: Config, kind: str, mapped_keys: set[str]) -> list[str]:
                 unmapped.append(f"{key}={value!r}: the trainer fixes it to {fixed!r}")
             elif not (key == "train.quantize" and value == "auto"):  # auto: whatever the trainer's GPU needs
                 unmapped.append(f"{key}={value!r}: the trainer has no such setting")
+            continue
+        feature = next((v for k, v in LOCAL_TRAINING_FEATURES.items() if key.startswith(k)), None)
+        if feature is not None:  # issue 16: the local trainer's alone; off (empty, 0, false) needs no honouring
+            if value not in ("", 0, False) or key.endswith((".weight", ".device")):
+                unmapped.append(f"{key}={value!r}: {trainer} has no {feature}; it trains locally (backend: local)")
             continue
         if section == "sample":
             if kind == OSTRIS:
