@@ -1,4 +1,4 @@
-"""The notebooks: stored without outputs, public API only, and both execute top to bottom without a cell error.
+"""The notebooks: stored without outputs, public API only, and each executes top to bottom without a cell error.
 
 They run in a real Jupyter kernel (nbclient + ipykernel) started from this venv's python through a kernel spec written
 to a temporary JUPYTER_PATH, so a fresh clone needs nothing but ``pip install -e .[dev]``. Settings that differ under
@@ -18,7 +18,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-EXPECTED = ("quickstart.ipynb", "remote-training.ipynb")
+EXPECTED = ("quickstart.ipynb", "remote-training.ipynb", "edit-lora.ipynb")
 # What a notebook may import from the package: the public API (`finetune`, `finetune.config`); the remote walkthrough
 # also shows the remote recipe's mapping (`finetune.recipes.train_remote`).
 ALLOWED_IMPORTS = {
@@ -169,3 +169,27 @@ def test_remote_notebook_runs_against_the_stand_in(tmp_path: Path, kernel_env: d
     for path in work.rglob("*"):
         if path.is_file():
             assert stub.token.encode() not in path.read_bytes(), f"token written to {path}"
+
+
+@pytest.mark.slow
+def test_edit_notebook_trains_kontext_and_klein_edit_loras_and_evaluates_them_on_inputs(
+    tmp_path: Path, kernel_env: dict, tiny_scorer_dirs
+) -> None:
+    from finetune.registry import Registry
+
+    clip_dir, dino_dir = tiny_scorer_dirs
+    work = tmp_path / "work"
+    nb = _run("edit-lora.ipynb", tmp_path, kernel_env, WORK_DIR=str(work), STEPS=2, CLIP_MODEL=str(clip_dir),
+              DINO_MODEL=str(dino_dir))  # fmt: skip
+    text, mimes = _outputs(nb)
+    assert "image/png" in mimes, "the pairs sheet, sample grids and reports must be shown inline"
+    registry = Registry(work / "home")
+    for name, family in (("local/outline-kontext", "kontext"), ("local/outline-klein", "flux2")):
+        (version,) = registry.versions(name)
+        assert version.lineage["family"] == family and f"registered {version.ref}" in text
+        run = work / "runs" / name.split("/")[1]
+        assert "5 images" in (run / "train.log").read_text()  # pair5 held out for the samples
+        assert (run / "samples" / "step-000000" / "grid.png").is_file()
+        doc = json.loads((work / "reports" / name.split("/")[1] / "metrics.json").read_text())
+        assert [v["ref"] for v in doc["versions"]] == ["base", version.ref]
+        assert {"dino_target", "dino_input"} <= set(doc["metrics"]), "the injected scorers must score the edits"
