@@ -21,6 +21,7 @@ process with random weights; see ``build_preset``.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ LORA_ALPHA_KEYS = False  # diffusers refuses .alpha keys for FLUX.2; its adapter
 MAX_REFERENCES = 10  # edit pairs: reference tokens after the noisy ones, reference i at T = 10·(i + 1)
 TRUE_CFG = True  # [klein] base samples with CFG against the empty prompt; [dev] ignores the negative
 MAX_SEQUENCE_LENGTH = 512  # both pipelines' tokenizer_max_length
+MIN_REFERENCE_SIDE = 64  # Flux2ImageProcessor.check_image_input: "Both dimensions must be at least 64px"
 KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline.encode_prompt text_encoder_out_layers
 DEV_LAYERS = (10, 20, 30)  # Flux2Pipeline.encode_prompt text_encoder_out_layers
 KLEIN_CAPTION_DROPOUT = 0.1  # true CFG needs the empty caption trained (reference/flux-family-2026.md)
@@ -464,6 +466,8 @@ def sample_images(
     (``encode_prompts`` of ``prompts`` and of ``""``) skip the text encoder; [klein] applies CFG with
     ``negative_text`` when ``guidance`` > 1, [dev] embeds ``guidance``. ``inputs[i]``: prompt i's reference images
     (edits), passed as the pipeline's ``image`` list (reference i at T = 10·(i + 1))."""
+    if inputs:
+        _check_reference_sizes(inputs, size)
     if prompts and seeds and (text is None or (negative_text is None and _needs_negative(pipe, guidance))):
         components = Flux2Components(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         seq = max_sequence_length or MAX_SEQUENCE_LENGTH
@@ -484,6 +488,22 @@ def sample_images(
         num_inference_steps=steps,
         guidance_scale=guidance,
     )
+
+
+def _check_reference_sizes(inputs: list[list[Image.Image]], size: int | tuple[int, int]) -> None:
+    """Refuse inputs whose fitted size (``common.edit_size``) has a side under ``MIN_REFERENCE_SIDE`` before any step:
+    the pipelines' image processor raises mid-sampling on them ("Image too small")."""
+    height, width = (size, size) if isinstance(size, int) else size
+    side = math.isqrt(height * width)
+    for images in inputs:
+        w, h = common.edit_size(*images[0].size, side)
+        if min(w, h) < MIN_REFERENCE_SIDE:
+            raise FinetuneError(
+                f"an input of {images[0].width}×{images[0].height} px samples at {w}×{h} at size {side}, and FLUX.2 "
+                f"takes references of at least {MIN_REFERENCE_SIDE} px a side; sample at a larger size (sample.size, "
+                "--size) or crop the input closer to square",
+                EXIT_USAGE,
+            )
 
 
 def _needs_negative(pipe: Any, guidance: float) -> bool:

@@ -280,3 +280,5 @@ def test_sample_images_with_inputs_equal_the_pipeline_called_on_the_fitted_refer
     assert np.array_equal(np.asarray(images[0]), np.asarray(direct))
     plain = flux2.sample_images(pipe, PROMPTS[:1], [3], steps=2, size=(h, w), guidance=1.0)[0]
     assert not np.array_equal(np.asarray(plain), np.asarray(direct))  # the references change the image
+    with pytest.raises(FinetuneError, match="60×120 px samples at 48×80 at size 64, and FLUX.2 takes references of"):
+        flux2.sample_images(pipe, PROMPTS[:1], [3], steps=2, size=64, guidance=1.0, inputs=[refs])
