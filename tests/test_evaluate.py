@@ -99,10 +99,19 @@ def run(world, refs, out, **kwargs):
 
 
 def test_eval_loads_once_encodes_once_and_reuses_cached_images(world, monkeypatch, tmp_path):
+    from finetune import metrics
+
     v1, v2 = world["versions"]
     counters = Counters(monkeypatch)
+    clip_texts = []
+    embed_texts = metrics.ClipScorer.embed_texts
+    monkeypatch.setattr(
+        metrics.ClipScorer, "embed_texts", lambda self, texts: clip_texts.extend(texts) or embed_texts(self, texts)
+    )
     out = tmp_path / "report"
     first = run(world, ["base", v1.ref], out)
+    # CLIP-T scores every column against the prompt without the trigger word, base (which borrows TOK) included
+    assert sorted(clip_texts) == ["a photo of", "a photo of a cat"]
 
     assert counters.loads == 1 and first.counters["pipeline_loads"] == 1
     # base and v1 share the trigger TOK, so the two prompts are two texts, encoded in one batch

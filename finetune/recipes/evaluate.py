@@ -531,7 +531,10 @@ def _score(doc: dict, targets: list[_Target], folder: Path, scorers: metrics.Sco
     clip = scorers.clip
     if clip is not None:
         image_embeds = scorers.timed(clip.embed_images, pil)
-        trigger_of = [targets[column_target[e["column"]]].trigger_word for e in images]
+        # base's prompts got the first versioned REF's trigger word (see evaluate): remove that one from them too, so
+        # every column is scored against the same text
+        default_trigger = next((t.trigger_word for t in targets if t.trigger_word), "")
+        trigger_of = [targets[column_target[e["column"]]].trigger_word or default_trigger for e in images]
         texts = [metrics.remove_trigger(e["prompt"], trig) for e, trig in zip(images, trigger_of, strict=True)]
         unique = sorted(set(texts))
         text_embeds = scorers.timed(clip.embed_texts, unique)
