@@ -263,7 +263,7 @@ def eval_(
 
 models_app = typer.Typer(
     rich_markup_mode=None,
-    help="The local model registry: list, show, remove and export versions.",
+    help="The local model registry: list, show, remove, import and export versions.",
     no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
@@ -299,9 +299,10 @@ def models_list() -> None:
 
 @models_app.command("show")
 def models_show(ref: Annotated[str, typer.Argument(help="owner/name or owner/name:<version id>.")]) -> None:
-    """Show one version: its path, every version of the model, and its model.json."""
+    """Show one version: its path, every version of the model, its model.json, and which tools load which form."""
     import json
 
+    from finetune import lora
     from finetune.registry import Registry
 
     registry = Registry()
@@ -311,6 +312,17 @@ def models_show(ref: Annotated[str, typer.Argument(help="owner/name or owner/nam
         mark = "*" if other.id == version.id else " "
         typer.echo(f" {mark} {other.short_id}  {other.info.get('created_at', '')}  {other.lineage.get('backend', '')}")
     typer.echo(json.dumps(version.info, indent=2, sort_keys=True))
+    try:
+        from finetune.lora_export import lora_family
+        from finetune.lora_formats import tool_lines
+
+        tensors, metadata = lora.load_lora_file(version.lora_path)
+        family = lora_family(tensors, metadata)
+    except FinetuneError:
+        return
+    typer.echo(f"Loads in (write a form with `finetune models export {version.ref} --format FORM -o FILE`):")
+    for line in tool_lines(family):
+        typer.echo(line)
 
 
 @models_app.command("rm")
@@ -372,6 +384,48 @@ def models_export(
             typer.secho(f"Warning: {warning.message}", err=True, fg=typer.colors.YELLOW)
         what = f"{format_}, {'FLUX.2' if family == 'flux2' else 'FLUX.1'}"
     typer.echo(f"Wrote {written} ({what}, rank {rank}, alpha {alpha:g})")
+
+
+@models_app.command("import")
+def models_import(
+    source: Annotated[
+        str, typer.Argument(help="A LoRA .safetensors file, an https:// URL, or hf://owner/repo/file.safetensors.")
+    ],
+    as_: Annotated[str, typer.Option("--as", help="Register it as this model: owner/name.")],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="The base model it was trained on (hub id, folder or preset:NAME); default: "
+            "the file's finetune.base_model, else found from its keys and shapes.",
+        ),
+    ] = None,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Import the keys that fit and record the others in the lineage "
+            "(default: any key that does not fit is an error and nothing is registered).",
+        ),
+    ] = False,
+) -> None:
+    """Import a FLUX LoRA in any common form (diffusers/peft, kohya, BFL/ai-toolkit, musubi, OneTrainer, DiffSynth,
+    fal) as a new version, converted to finetune's own file."""
+    from finetune.lora_import import import_lora
+
+    version, plan = import_lora(source, as_, base_model=base, allow_partial=allow_partial)
+    typer.echo(
+        f"Imported {version.ref} ({plan.format}, {plan.layout.label}, {len(plan.modules)} modules, rank {plan.rank}, "
+        f"alpha {plan.alpha:g}, base {version.lineage.get('base_model')})"
+    )
+    if plan.skipped:
+        typer.secho(
+            f"Warning: skipped {len(plan.skipped)} key(s) (recorded in the lineage): "
+            + ", ".join(list(plan.skipped)[:10])
+            + (" …" if len(plan.skipped) > 10 else ""),
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
 
 
 # ---- trainings on Replicate (remote backend) ------------------------------------------------------------------
