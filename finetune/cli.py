@@ -353,9 +353,6 @@ def models_export(
     import warnings
     from pathlib import Path
 
-    from finetune import lora
-    from finetune.files import write_atomic
-
     out = Path(output)
     if format_ not in ("comfyui", "kohya", "diffusers"):
         raise fail(f"--format {format_!r} is not known; use comfyui, kohya or diffusers")
@@ -367,19 +364,24 @@ def models_export(
         source = Registry().resolve(ref).lora_path
     if out.exists() and out.resolve() == source.resolve():
         raise fail(f"-o {out} is the source file itself; choose another output path")
-    tensors, metadata = lora.load_lora_file(source)
-    rank, alpha = lora.lora_file_settings(tensors, metadata)  # also checks the keys are a diffusers LoRA
     what = format_
     if format_ == "diffusers":
-        written = write_atomic(out, source.read_bytes())
+        import shutil
+
+        from finetune.files import atomic_file
+        from finetune.lora_export import file_settings
+
+        rank, alpha = file_settings(source)  # also checks the keys are a diffusers LoRA
+        with open(source, "rb") as src, atomic_file(out) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        written = out
     else:
         from finetune import lora_export
 
-        family = lora_export.lora_family(tensors, metadata)  # the names say; the base model only where both fit
-        save = lora_export.save_comfyui if format_ == "comfyui" else lora_export.save_kohya
+        # one BFL module in memory at a time; the family from the names, the base model only where both fit
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            written = save(out, tensors, rank=rank, alpha=alpha, metadata=metadata, family=family)
+            written, family, rank, alpha = lora_export.stream_export(source, out, form=format_)
         for warning in caught:
             typer.secho(f"Warning: {warning.message}", err=True, fg=typer.colors.YELLOW)
         what = f"{format_}, {'FLUX.2' if family == 'flux2' else 'FLUX.1'}"

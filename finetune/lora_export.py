@@ -10,9 +10,10 @@ a fact of the family: each family module's ``BFL_BLOCKS``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from finetune import models
 from finetune.errors import EXIT_USAGE, FinetuneError
@@ -22,7 +23,7 @@ from finetune.lora import check_rank, fixed_safetensors_bytes, in_blocks, module
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["export_comfyui", "export_kohya", "lora_family", "save_comfyui", "save_kohya"]
+__all__ = ["export_comfyui", "export_kohya", "lora_family", "save_comfyui", "save_kohya", "stream_export"]
 
 _BFL_KIND = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}
 _LABEL = {"flux1": "FLUX.1", "flux2": "FLUX.2"}
@@ -114,7 +115,7 @@ def _fused_blocks(
             else:  # untrained projection of a fused module: a zero block keeps the layout regular
                 ratios = getattr(models.family_module(family), "BFL_ROW_RATIOS", {})
                 rows = a0.shape[1] * ratios.get(name.rsplit(".", 1)[-1], 1)
-                a, b = torch.zeros_like(a0), torch.zeros(rows, rank, dtype=a0.dtype)
+                a, b = torch.zeros_like(a0), torch.zeros(rows, rank, dtype=a0.dtype, device=a0.device)
             downs.append(a)
             ups.append(b)
         down = torch.cat(downs, dim=0) if len(downs) > 1 else downs[0]
@@ -225,3 +226,73 @@ def save_comfyui(
     """Write ``export_comfyui(state_dict)`` like ``save_kohya``; for FLUX.1 it is the kohya file, byte for byte."""
     tensors = export_comfyui(state_dict, rank=rank, alpha=alpha, family=family)
     return _save_export(path, tensors, metadata, "kohya" if _layout(family) == "flux1" else "comfyui")
+
+
+def stream_export(source: str | Path, out: str | Path, *, form: str) -> tuple[Path, str, int, float]:
+    """Export the LoRA file ``source`` to ``out`` as ``form`` (``kohya`` or ``comfyui``) reading one BFL module's
+    tensors at a time: the same bytes as ``save_kohya``/``save_comfyui`` on the loaded file, at the memory of the
+    largest module instead of the whole file. Returns ``(out, family, rank, alpha)``.
+
+    The output's keys, shapes and warnings come from the export run on meta tensors (shapes only); each output
+    tensor is then computed from its own BFL module's source tensors when it is written.
+    """
+    from finetune.lora import lora_file_settings
+    from finetune.lora_import import _dtype_name, write_safetensors
+
+    if form not in ("kohya", "comfyui"):
+        raise FinetuneError(f"--format {form!r}: stream_export writes kohya or comfyui", EXIT_USAGE)
+    st, shapes = _header_state(source)
+    rank, alpha = lora_file_settings(shapes, st.metadata)
+    family = lora_family(shapes, st.metadata)
+    convert = export_kohya if form == "kohya" else export_comfyui
+    planned = convert(shapes, rank=rank, alpha=alpha, family=family)  # warns about skipped modules, as on tensors
+    groups = _block_groups(list(modules_of(shapes, "export")), _layout(family))
+    bfl_of = {("lora_unet_" + bfl.replace(".", "_") if _is_kohya(form, family) else f"diffusion_model.{bfl}"): bfl
+              for bfl in groups}  # fmt: skip
+
+    def compute(key: str) -> torch.Tensor:
+        base = key.rsplit(".", 2)[0] if key.endswith(".weight") else key.removesuffix(".alpha")
+        parts = groups[bfl_of[base]]
+        sub = {
+            k: st.get(k)
+            for p in parts
+            for k in (f"transformer.{p}.lora_A.weight", f"transformer.{p}.lora_B.weight")
+            if k in shapes
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return convert(sub, rank=rank, alpha=alpha, family=family)[key]
+
+    tensors = {k: (_dtype_name(v.dtype), tuple(v.shape), functools.partial(compute, k)) for k, v in planned.items()}
+    kept = {k: v for k, v in st.metadata.items() if k.startswith("finetune.")}
+    kept.update({"format": "pt", "finetune.format": "kohya" if _is_kohya(form, family) else "comfyui"})
+    return write_safetensors(out, tensors, kept), family, rank, alpha
+
+
+def file_settings(source: str | Path) -> tuple[int, float]:
+    """``lora.lora_file_settings`` of a LoRA file from its header (and its ``.alpha`` scalars) alone."""
+    from finetune.lora import lora_file_settings
+
+    st, shapes = _header_state(source)
+    return lora_file_settings(shapes, st.metadata)
+
+
+def _header_state(source: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The file and its state dict as meta tensors (shapes and dtypes only), ``.alpha`` scalars read for real."""
+    import torch
+
+    from finetune.lora_import import SafetensorsFile, _torch_dtype
+
+    st = SafetensorsFile(source)
+    shapes = {
+        k: st.get(k)
+        if k.endswith(".alpha")
+        else torch.empty(st.shape(k), dtype=_torch_dtype(st.dtype(k)), device="meta")
+        for k in st.keys()
+    }
+    return st, shapes
+
+
+def _is_kohya(form: str, family: str) -> bool:
+    """Whether ``form`` is written as the kohya file (FLUX.1's ComfyUI form is the kohya file)."""
+    return form == "kohya" or _layout(family) == "flux1"

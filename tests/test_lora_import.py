@@ -108,6 +108,28 @@ def test_canonical_file_is_byte_for_byte_what_save_lora_writes(tmp_path, preset)
     assert out.read_bytes() == expected.read_bytes()
 
 
+@pytest.mark.parametrize("preset", ["tiny", "flux2-tiny"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_export_is_byte_for_byte_the_in_memory_one(tmp_path, preset, dtype):
+    modules, state = _trained(preset)
+    family = LE._layout(PRESETS[preset])
+    state = dict(state)
+    state["transformer.x_embedder.lora_A.weight"] = torch.ones(
+        4, state[f"transformer.{modules[0]}.lora_A.weight"].shape[1]
+    )
+    state["transformer.x_embedder.lora_B.weight"] = torch.ones(4 if family == "flux1" else 2, 4)  # skipped: warned
+    src = L.save_lora(tmp_path / "src.safetensors", state, rank=4, alpha=6.0, base_model=f"preset:{preset}",
+                      trigger_word="TOK", targets="all-linear", dtype=dtype, alpha_keys=family == "flux1")  # fmt: skip
+    tensors, meta = L.load_lora_file(src)
+    for form, save in (("kohya", LE.save_kohya), ("comfyui", LE.save_comfyui)):
+        with pytest.warns(UserWarning, match="x_embedder"):
+            expected = save(tmp_path / f"{form}.safetensors", tensors, rank=4, alpha=6.0, metadata=meta, family=family)
+        with pytest.warns(UserWarning, match="x_embedder"):
+            out, got_family, rank, alpha = LE.stream_export(src, tmp_path / f"{form}-s.safetensors", form=form)
+        assert (got_family, rank, alpha) == (family, 4, 6.0)
+        assert out.read_bytes() == expected.read_bytes(), form
+
+
 PIPELINE_TARGETS = {  # FLUX.1 kohya through diffusers: double blocks only at tiny dims (its converter hard-codes
     # linear1's split at FLUX.1-dev's 3072: comfyui-lora-keys.md §7; tests/test_lora.py checks it at those dims)
     "flux1": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "ff.net.0.proj",
