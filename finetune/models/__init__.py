@@ -1,12 +1,14 @@
 """The model-family seam: one module per family behind one small interface, and which family a base model is.
 
 Recipes, the cache and eval speak to a ``Family`` only (``family_for(base_model)``); each family module
-(``flux1``: FLUX.1 dev/schnell/Krea; ``kontext``: FLUX.1 Kontext [dev]; ``flux2``: FLUX.2 dev and klein) implements
+(``flux1``: FLUX.1 dev/schnell/Krea; ``kontext``: FLUX.1 Kontext [dev]; ``flux2``: FLUX.2 dev and klein; ``flux3``:
+FLUX 3 Image Klein) implements
 it as module-level functions, so adding a family is one module, its presets, configs and tests. This package imports
 no torch until a family is asked for, so ``finetune --help`` stays instant.
 
 The family comes from the base model: a preset name, a known hub id, or the ``_class_name`` of the pipeline in the
-model's ``model_index.json``; anything else is an error that lists the supported families.
+model's ``model_index.json`` (``modular_model_index.json`` for FLUX 3's modular pipeline); anything else is an error
+that lists the supported families.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ __all__ = [
     "resolve_quantize",
 ]
 
-FAMILIES = ("flux1", "kontext", "flux2")
+FAMILIES = ("flux1", "kontext", "flux2", "flux3")
 
 
 class Family(Protocol):
@@ -98,12 +100,15 @@ _PRESETS = {
     "flux1": ("tiny", "small"),
     "kontext": ("kontext-tiny", "kontext-small"),
     "flux2": ("flux2-tiny", "flux2-small", "flux2-dev-tiny"),
+    "flux3": ("flux3-tiny", "flux3-small"),
 }
 _PIPELINES = {
     "FluxPipeline": "flux1",
     "FluxKontextPipeline": "kontext",
     "Flux2Pipeline": "flux2",
     "Flux2KleinPipeline": "flux2",
+    "Flux3ModularPipeline": "flux3",
+    "Flux3DistilledModularPipeline": "flux3",
 }
 
 
@@ -117,12 +122,13 @@ def _supported() -> str:
         "supported: FLUX.1 (FluxPipeline: black-forest-labs/FLUX.1-dev, -schnell, -Krea-dev), FLUX.1 Kontext "
         "(FluxKontextPipeline: black-forest-labs/FLUX.1-Kontext-dev), FLUX.2 (Flux2Pipeline: "
         "black-forest-labs/FLUX.2-dev; Flux2KleinPipeline: black-forest-labs/FLUX.2-klein-base-4B, -base-9B), "
+        "FLUX 3 Image Klein (Flux3ModularPipeline: black-forest-labs/flux-3-image-klein-base), "
         f"and the presets {', '.join(preset_names())}"
     )
 
 
 def family_name(base_model: str) -> str:
-    """``flux1``, ``kontext`` or ``flux2`` for a base model, without loading a model (and without importing torch).
+    """``flux1``, ``kontext``, ``flux2`` or ``flux3`` for a base model, without loading a model (or importing torch).
 
     Raises:
         FinetuneError: an unknown preset, or a model whose ``model_index.json`` names an unsupported pipeline.
@@ -137,6 +143,8 @@ def family_name(base_model: str) -> str:
     index = None
     if folder.is_dir():
         path = folder / "model_index.json"
+        if not path.is_file():  # FLUX 3's modular pipelines save modular_model_index.json instead
+            path = folder / "modular_model_index.json"
         if path.is_file():
             try:
                 index = json.loads(path.read_text(encoding="utf-8"))
@@ -145,13 +153,15 @@ def family_name(base_model: str) -> str:
         else:  # a folder of parts without model_index.json: its transformer's class says the family
             config = folder / "transformer" / "config.json"
             cls = json.loads(config.read_text(encoding="utf-8")).get("_class_name", "") if config.is_file() else ""
-            return "flux2" if cls.startswith("Flux2") else "flux1"
+            return "flux2" if cls.startswith("Flux2") else "flux3" if cls.startswith("Flux3") else "flux1"
     else:
         lowered = base_model.lower()
         if "kontext" in lowered:  # BFL's FLUX.1-Kontext-dev and fine-tunes named after it
             return "kontext"
         if "flux.2" in lowered or "flux2" in lowered:  # BFL's FLUX.2 repos and their fine-tunes by name
             return "flux2"
+        if "flux-3" in lowered or "flux3" in lowered or "flux.3" in lowered:  # BFL's flux-3-image-klein(-base)
+            return "flux3"
         if not lowered.startswith("black-forest-labs/") and "/" in base_model:
             from finetune.models.common import model_index  # a hub id of someone's fine-tune: ask its index
 

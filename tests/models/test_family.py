@@ -44,6 +44,10 @@ def test_every_family_module_implements_the_whole_interface(name):
         ("black-forest-labs/FLUX.2-dev", "flux2"),
         ("black-forest-labs/FLUX.2-klein-base-4B", "flux2"),
         ("black-forest-labs/FLUX.2-klein-base-9B", "flux2"),
+        ("preset:flux3-tiny", "flux3"),
+        ("preset:flux3-small", "flux3"),
+        ("black-forest-labs/flux-3-image-klein-base", "flux3"),
+        ("black-forest-labs/flux-3-image-klein", "flux3"),
     ],
 )
 def test_family_of_presets_and_hub_ids(base_model, family):
@@ -57,10 +61,14 @@ def test_family_of_presets_and_hub_ids(base_model, family):
         ("FluxKontextPipeline", "kontext"),
         ("Flux2Pipeline", "flux2"),
         ("Flux2KleinPipeline", "flux2"),
+        ("Flux3ModularPipeline", "flux3"),
+        ("Flux3DistilledModularPipeline", "flux3"),
     ],
 )
 def test_family_of_a_folder_comes_from_model_index(tmp_path, class_name, family):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    # FLUX 3's modular pipelines save modular_model_index.json (ModularPipeline.save_pretrained)
+    index = "modular_model_index.json" if class_name.startswith("Flux3") else "model_index.json"
+    (tmp_path / index).write_text(json.dumps({"_class_name": class_name}))
     assert models.family_name(str(tmp_path)) == family
 
 
