@@ -1,0 +1,168 @@
+"""The local trainer on preset:flux3-tiny (CPU): determinism, exact resume, the LoRA in Flux3ModularPipeline, the
+cache equal to the pipeline's encoder, samples, and FLUX 3's bad input (issue 15)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.config import parse_config
+from finetune.errors import FinetuneError
+from finetune.lora import load_lora_file
+from finetune.recipes.train_local import train
+from finetune.registry import Registry
+
+BASE = "preset:flux3-tiny"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bitwise comparisons need one thread count; one thread is also fastest for these toy sizes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def work(tmp_path, finetune_home, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def config(dataset: Path, base: str = BASE, lora: dict | None = None, sample: dict | None = None, **train_keys):
+    return parse_config(
+        {
+            "base_model": base,
+            "output": "me/tok",
+            "dataset": str(dataset),
+            "lora": {"rank": 4, "alpha": 8, **(lora or {})},
+            "train": {"steps": 4, "resolution": [32], "learning_rate": 1e-2, "max_sequence_length": 80, **train_keys},
+            "sample": {"every": 0, **(sample or {})},
+        }
+    )
+
+
+def test_same_config_gives_the_same_version_and_a_resume_is_bitwise_equal(work, dataset_zip):
+    full = train(config(dataset_zip, save_every=2, output_dir=str(work / "a")))
+    assert train(config(dataset_zip, save_every=2)).id == full.id  # another run folder, the same LoRA
+    assert len(Registry().versions("me/tok")) == 1
+    lineage = full.lineage
+    assert lineage["family"] == "flux3" and lineage["config"]["train"]["caption_dropout"] == 0.1  # real CFG
+    tensors, meta = load_lora_file(full.lora_path)
+    assert meta["finetune.base_model"] == BASE and all(k.startswith("transformer.") for k in tensors)
+    assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if "lora_B" in k)  # it trained
+    assert not any(k.endswith(".alpha") for k in tensors)
+    # a copy of the run that stopped after its step-2 checkpoint: resume reproduces steps 3-4 bitwise
+    shutil.copytree(work / "a", work / "b")
+    shutil.rmtree(work / "b" / "checkpoints" / "step-000004")
+    (work / "b" / "lora.safetensors").unlink()
+    resumed = train(config(dataset_zip, save_every=2, output_dir=str(work / "b")), resume=True)
+    assert resumed.id == full.id
+    assert (work / "b" / "lora.safetensors").read_bytes() == (work / "a" / "lora.safetensors").read_bytes()
+
+
+def test_the_lora_loads_in_the_modular_pipeline_and_the_cache_equals_its_encoder(work, dataset_zip, finetune_home):
+    """Flux3ModularPipeline.load_lora_weights (Flux3LoraLoaderMixin) consumes every key, and its transformer then
+    gives the trained model's output (alpha != rank, carried in the adapter metadata). The cached caption is the
+    pipeline encoder's output in its window."""
+    from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
+
+    from finetune import cache, lora
+    from finetune.models import flux3
+
+    version = train(config(dataset_zip, lora={"rank": 4, "alpha": 12, "save_dtype": "float32"}, steps=3))
+    tensors, meta = load_lora_file(version.lora_path)
+    assert '"transformer.lora_alpha": 12.0' in meta["lora_adapter_metadata"]
+
+    parts = flux3.build_preset("flux3-tiny")
+    pipe = flux3.pipeline_from_components(parts)
+    assert type(pipe).__name__ == "Flux3ModularPipeline"
+    pipe.load_lora_weights(str(version.lora_path))
+    loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
+    assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors} == loaded  # every key consumed
+
+    trained = flux3.build_preset("flux3-tiny").transformer
+    lora.add_lora(trained, rank=4, alpha=12, targets="all-linear", dropout=0.0, seed=0)
+    lora.set_lora_state(trained, tensors)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 6, 128, generator=g),
+        encoder_hidden_states=torch.randn(1, 80, 256, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_ids=flux3.image_ids((2, 3), "cpu"),
+        txt_ids=flux3.text_ids(80, "cpu"),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        ours, theirs = trained(**inputs)[0], pipe.transformer(**inputs)[0]
+        base = flux3.build_preset("flux3-tiny").transformer(**inputs)[0]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert float((ours - base).abs().max()) > 1e-3  # the LoRA changes the output, far above the tolerance
+
+    caption = "a photo of TOK, picture 0"
+    text_id = cache.source_identity(BASE, ["text_encoder", "tokenizer"])
+    key = cache.text_key(text_id, caption, 80, torch.float32, "flux3")
+    cached = cache.read_tensors(cache.text_file(finetune_home / "cache", key))
+    tokenizer = parts.tokenizer
+    tokenizer.tokenizer = tokenizer  # Qwen3VLProcessor's text half (tests/models/test_flux3.py says why)
+    reference = Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds(parts.text_encoder, tokenizer, caption)
+    torch.testing.assert_close(cached["prompt_embeds"][None], reference, rtol=0, atol=1e-6)
+    assert int(cached["text_mask"].sum()) == 80
+
+
+def test_samples_render_through_the_modular_pipeline(work, dataset_zip):
+    version = train(config(dataset_zip, steps=1, sample={"every": 1, "prompts": ["a photo of TOK"], "seeds": [0, 1]}))
+    folder = Path(version.lineage["run_dir"]) / "samples" / "step-000001"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["prompt0-seed0.png", "prompt0-seed1.png"]
+
+
+@pytest.mark.parametrize(
+    "base, keys, message",
+    [
+        ("black-forest-labs/flux-3-image-klein", {}, "step-distilled FLUX 3.*train.allow_distilled=true"),
+        (BASE, {"guidance": 2.0}, "no guidance embedder"),
+        (BASE, {"max_sequence_length": 100}, "not a multiple of 80"),
+    ],
+)
+def test_bad_input_stops_before_any_model_loads(work, dataset_zip, base, keys, message):
+    with pytest.raises(FinetuneError, match=message) as info:
+        train(config(dataset_zip, base, **keys))
+    assert info.value.exit_code == 2
+    assert not (work / "runs").exists() and not Registry().versions("me/tok")
+
+
+def test_a_caption_longer_than_the_window_stops_before_any_model_loads(work, tmp_path, monkeypatch):
+    from conftest import write_dataset_zip
+
+    from finetune.models import flux3
+
+    long = write_dataset_zip(tmp_path / "long.zip", [(32, 32)], trigger_word="TOK " + "sunset beach " * 40)
+    monkeypatch.setattr(flux3, "build_preset", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(FinetuneError, match="a window of 160; FLUX 3 Image Klein training caches up to") as info:
+        train(config(long))
+    assert info.value.exit_code == 2 and not (work / "runs").exists()
+
+
+def test_edit_pairs_are_refused_for_flux3(work, tmp_path):
+    import io
+    import zipfile
+
+    from conftest import synthetic_image
+
+    pairs = tmp_path / "pairs.zip"
+    with zipfile.ZipFile(pairs, "w") as zf:
+        for stem in ("a", "b"):
+            for part, index in (("start", 0), ("end", 1)):
+                buf = io.BytesIO()
+                synthetic_image(index, 32, 32).save(buf, format="PNG")
+                zf.writestr(f"{stem}_{part}.png", buf.getvalue())
+            zf.writestr(f"{stem}.txt", "make it TOK")
+        rows = [{"file_name": f"{s}_end.png", "text": "make it TOK"} for s in ("a", "b")]
+        zf.writestr("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FinetuneError, match="FLUX 3 Image Klein, which trains no edits"):
+        train(config(pairs))
