@@ -79,9 +79,13 @@ def _key(*fields: object) -> str:
     return hashlib.sha256(json.dumps([str(f) for f in fields]).encode()).hexdigest()
 
 
-def latent_key(identity: str, image_sha256: str, bucket: tuple[int, int], dtype: torch.dtype) -> str:
-    """Key of one image's latent distribution in one bucket (w, h), encoded by the VAE ``identity`` in ``dtype``."""
-    return _key("latent-v1", identity, image_sha256, f"{bucket[0]}x{bucket[1]}", dtype)
+def latent_key(
+    identity: str, image_sha256: str, bucket: tuple[int, int], dtype: torch.dtype, flipped: bool = False
+) -> str:
+    """Key of one image's latent distribution in one bucket (w, h), encoded by the VAE ``identity`` in ``dtype``;
+    ``flipped``: of its mirror image (train.flip; unflipped keys are as they always were)."""
+    fields = ("latent-v1", identity, image_sha256, f"{bucket[0]}x{bucket[1]}", dtype)
+    return _key(*fields, "flipped") if flipped else _key(*fields)
 
 
 def text_key(identity: str, caption: str, max_sequence_length: int, dtype: torch.dtype, family: str = "flux1") -> str:

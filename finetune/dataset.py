@@ -46,12 +46,14 @@ __all__ = [
     "epoch_batches",
     "load_bucket_image",
     "read_dataset",
+    "read_datasets",
     "sample_seed",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 METADATA = "metadata.jsonl"
 MAX_ASPECT = 4.0  # buckets span aspect ratios 1:4 … 4:1 (ai-toolkit and kohya use similar limits)
+MASK_SUFFIX = "_mask.png"  # <stem>_mask.png: the loss weights of <stem>.jpg|png (white = learn), from prepare --masks
 PAIR_STEM = re.compile(r"^(.+?)_(end|start(?:_([2-9]|[1-9][0-9]+))?)$")  # <stem>_end, <stem>_start, <stem>_start_N
 
 
@@ -76,13 +78,42 @@ class Item:
     height: int
     sha256: str
     references: tuple[RefItem, ...] = ()
+    mask: RefItem | None = None  # <stem>_mask.png (grayscale, the image's size), or None: the whole image trains
+    zip_path: Path | None = None  # the zip that holds it when a run reads several; None: its Dataset's path
+    repeats: int = 1  # times it appears per epoch (a dataset list's {path, repeats})
 
 
 @dataclass(frozen=True)
 class Dataset:
     path: Path
-    digest: str  # sha256 of the zip file: the dataset identity recorded in lineage
+    digest: str  # sha256 of the zip file (of the list of digests and repeats for several): the identity in lineage
     items: tuple[Item, ...]
+    sources: tuple[tuple[Path, int], ...] = ()  # (zip, repeats) of each zip when read from a list
+
+    def zip_of(self, item: Item) -> Path:
+        return item.zip_path or self.path
+
+
+def read_datasets(spec: str | Path | list, trigger_word: str) -> Dataset:
+    """``read_dataset`` for the config's ``dataset``: one zip, or a list of zips and ``{path, repeats}`` entries
+    (anything with ``.path`` and ``.repeats``), whose items are concatenated in list order, each with its zip and
+    repeats. The digest of a list is the sha256 of its zips' digests and repeats, in order."""
+    if isinstance(spec, (str, Path)):
+        return read_dataset(spec, trigger_word)
+    parts = []
+    for entry in spec:
+        path, repeats = (entry, 1) if isinstance(entry, (str, Path)) else (entry.path, entry.repeats)
+        parts.append((read_dataset(path, trigger_word), int(repeats)))
+    kinds = {any(item.references for item in d.items) for d, _ in parts}
+    if len(kinds) > 1:
+        raise FinetuneError(
+            "dataset: the list mixes pair zips (edit LoRAs) with single-image zips; a run trains one or the other"
+        )
+    items = tuple(
+        dataclasses.replace(item, zip_path=d.path, repeats=repeats) for d, repeats in parts for item in d.items
+    )
+    digest = hashlib.sha256(json.dumps([[d.digest, r] for d, r in parts]).encode()).hexdigest()
+    return Dataset(path=parts[0][0].path, digest=digest, items=items, sources=tuple((d.path, r) for d, r in parts))
 
 
 @dataclass(frozen=True)
@@ -122,7 +153,10 @@ def read_dataset(path: str | Path, trigger_word: str) -> Dataset:
     problems: list[str] = []
     with zipfile.ZipFile(path) as zf:
         names = [n for n in zf.namelist() if not n.endswith("/")]
-        images = {n.rsplit(".", 1)[0]: n for n in names if n.lower().endswith(IMAGE_SUFFIXES)}
+        masks = {n.removesuffix(MASK_SUFFIX): n for n in names if n.endswith(MASK_SUFFIX) and "/" not in n}
+        images = {
+            n.rsplit(".", 1)[0]: n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and n not in masks.values()
+        }
         captions = {n[: -len(".txt")]: n for n in names if n.endswith(".txt")}
         for n in names:
             if "/" in n:
@@ -131,6 +165,8 @@ def read_dataset(path: str | Path, trigger_word: str) -> Dataset:
                 problems.append(f"{n}: unexpected file; only images, .txt captions and {METADATA} belong here")
         metadata = _read_metadata(zf, names, problems)
         if _is_pair_zip(images, metadata):
+            for name in sorted(masks.values()):
+                problems.append(f"{name}: masks train single images; a pair zip takes none (remove it)")
             items = _read_pairs(path, zf, images, captions, metadata, problems)
             if problems:
                 raise _fail(path, problems, pairs=True)
@@ -139,11 +175,20 @@ def read_dataset(path: str | Path, trigger_word: str) -> Dataset:
             problems.append(f"{images[stem]}: caption {stem}.txt is missing")
         for stem in sorted(captions.keys() - images.keys()):
             problems.append(f"{captions[stem]}: image {stem}.jpg or {stem}.png is missing")
+        for stem in sorted(masks.keys() - images.keys()):
+            problems.append(f"{masks[stem]}: a mask without its image {stem}.jpg or {stem}.png")
         if not images:
             problems.append("no images (.jpg or .png) in the zip")
         items = []
         for stem in sorted(images.keys() & captions.keys()):
-            item = _check_pair(zf, images[stem], captions[stem], trigger_word, metadata.get(images[stem]), problems)
+            row = metadata.get(images[stem])
+            item = _check_pair(zf, images[stem], captions[stem], trigger_word, row, problems)
+            if row is not None and row.get("mask") not in (None, masks.get(stem)):
+                problems.append(
+                    f"{METADATA}: mask of {images[stem]} is {row['mask']!r} but the zip has {masks.get(stem)}"
+                )
+            if item is not None and stem in masks:
+                item = dataclasses.replace(item, mask=_check_mask(zf, masks[stem], item, problems))
             if item is not None:
                 items.append(item)
     if problems:
@@ -213,6 +258,18 @@ def _check_image(
     if min(width, height) < 16:
         problems.append(f"{image_name}: {width}x{height} is too small to train on (at least 16 px a side)")
     return RefItem(name=image_name, width=width, height=height, sha256=sha)
+
+
+def _check_mask(zf: zipfile.ZipFile, name: str, item: Item, problems: list[str]) -> RefItem | None:
+    """A mask must decode and have its image's size (it weights the image's pixels one to one)."""
+    mask = _check_image(zf, name, None, problems)
+    if mask is not None and (mask.width, mask.height) != (item.width, item.height):
+        problems.append(
+            f"{name}: the mask is {mask.width}x{mask.height} but its image {item.name} is {item.width}x{item.height}; "
+            "a mask must have its image's size"
+        )
+        return None
+    return mask
 
 
 def _is_pair_zip(images: dict[str, str], metadata: dict[str, dict]) -> bool:
@@ -324,10 +381,11 @@ def assign_buckets(items: tuple[Item, ...], resolutions: list[int], multiple: in
     return entries
 
 
-def load_bucket_image(zf: zipfile.ZipFile, name: str, bucket: tuple[int, int]) -> Image.Image:
-    """Decode ``name`` as RGB, scale to cover ``bucket`` (w, h) and centre crop to it exactly."""
+def load_bucket_image(zf: zipfile.ZipFile, name: str, bucket: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    """Decode ``name`` as ``mode`` (RGB; L for a mask), scale to cover ``bucket`` (w, h) and centre crop to it
+    exactly."""
     with Image.open(io.BytesIO(zf.read(name))) as im:
-        im = im.convert("RGB")
+        im = im.convert(mode)
     bw, bh = bucket
     scale = max(bw / im.width, bh / im.height)
     size = (max(bw, round(im.width * scale)), max(bh, round(im.height * scale)))
@@ -347,12 +405,13 @@ def sample_seed(seed: int, index: int, sample_id: int, stream: str = "") -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def epoch_batches(entries: list[Entry], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Every global micro-batch of ``epoch`` (lists of entry indices), each from one bucket, in a seeded order."""
+def epoch_batches(entries: list[Entry], batch_size: int, seed: int, epoch: int, stream: str = "") -> list[list[int]]:
+    """Every global micro-batch of ``epoch`` (lists of entry indices), each from one bucket, in a seeded order;
+    ``stream`` names another order from the same seed (regularisation images)."""
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i, e in enumerate(entries):
         by_bucket.setdefault(e.bucket, []).append(i)
-    rng = random.Random(sample_seed(seed, epoch, -1, "epoch"))
+    rng = random.Random(sample_seed(seed, epoch, -1, "epoch" + (f":{stream}" if stream else "")))
     batches = []
     for bucket in sorted(by_bucket):
         members = by_bucket[bucket]
@@ -376,15 +435,15 @@ class BatchOrder:
     """``order(index)`` = ``batch_at(entries, batch_size, seed, index)``, with each epoch's batches built once
     rather than at every step (the trainer asks for consecutive indices)."""
 
-    def __init__(self, entries: list[Entry], batch_size: int, seed: int) -> None:
-        self.entries, self.batch_size, self.seed = entries, batch_size, seed
+    def __init__(self, entries: list[Entry], batch_size: int, seed: int, stream: str = "") -> None:
+        self.entries, self.batch_size, self.seed, self.stream = entries, batch_size, seed, stream
         self.per_epoch = batches_per_epoch(entries, batch_size)
         self._epoch: tuple[int, list[list[int]]] | None = None
 
     def __call__(self, index: int) -> list[int]:
         epoch, pos = divmod(index, self.per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, epoch_batches(self.entries, self.batch_size, self.seed, epoch))
+            self._epoch = (epoch, epoch_batches(self.entries, self.batch_size, self.seed, epoch, self.stream))
         return self._epoch[1][pos]
 
 

@@ -20,9 +20,11 @@ Exports to kohya and ComfyUI forms live in ``lora_export.py``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,8 +41,10 @@ __all__ = [
     "add_lora",
     "check_rank",
     "fixed_safetensors_bytes",
+    "ema_weights",
     "in_blocks",
     "load_lora_file",
+    "lora_disabled",
     "lora_file_settings",
     "lora_parameters",
     "lora_state_dict",
@@ -48,6 +52,7 @@ __all__ = [
     "resolve_target_modules",
     "save_lora",
     "set_lora_state",
+    "update_ema",
 ]
 
 ADAPTER_NAME = "default"
@@ -300,6 +305,54 @@ def set_lora_state(transformer: nn.Module, state_dict: dict[str, torch.Tensor]) 
 
                 tensor = distribute_tensor(tensor, param.device_mesh, param.placements)
             param.copy_(tensor)
+
+
+# ---------------------------------------------------------------------------------------------- EMA and disabling
+
+
+def ema_weights(transformer: nn.Module, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """A float32 copy of the LoRA weights under their file keys, on ``device``: the start of an EMA."""
+    import torch
+
+    return {
+        k: p.detach().to(device=device, dtype=torch.float32, copy=True)
+        for k, p in _lora_params_by_key(transformer).items()
+    }
+
+
+def update_ema(ema: dict[str, torch.Tensor], transformer: nn.Module, decay: float) -> None:
+    """``ema ← decay · ema + (1 − decay) · w`` for every LoRA weight ``w``, in place, after an optimizer step.
+
+    The EMA of ai-toolkit's ``ema_config`` and SimpleTuner's ``--use_ema`` (reference/local-trainers.md §1, §4),
+    without warm-up, started from the initial LoRA. ``torch.lerp(ema, w, 1 − decay)`` is the same update.
+    """
+    import torch
+
+    with torch.no_grad():
+        for key, param in _lora_params_by_key(transformer).items():
+            e = ema[key]
+            e.lerp_(param.detach().to(device=e.device, dtype=e.dtype), 1.0 - decay)
+
+
+@contextlib.contextmanager
+def lora_disabled(transformer: nn.Module) -> Iterator[None]:
+    """Run ``transformer`` as the base model: every LoRA layer skips its adapter (peft's ``disable_adapters``).
+
+    peft's own switch (``enable_adapters(False)``) also sets ``requires_grad=False`` on the adapter and turning it
+    back on sets it again, which DDP and the optimizer must not see mid-step; this sets only the flag peft's forward
+    reads. ``fused_lora.FusedLoraLinear`` then takes peft's path, which calls the base layer alone.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in _unwrap(transformer).modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m._disable_adapters = was
 
 
 # ------------------------------------------------------------------------------------------------------------ files

@@ -261,3 +261,26 @@ def test_instructions_of_a_pair_zip_need_no_trigger_word(tmp_path):
         zf.writestr("metadata.jsonl", "")
     dataset = read_dataset(path, "TOK")
     assert [(i.caption, len(i.references)) for i in dataset.items] == [("make it blue", 1)]
+
+
+def test_masks_attach_to_their_images_and_a_stray_or_wrong_size_mask_is_named(tmp_path):
+    import io
+
+    def png(size):
+        buf = io.BytesIO()
+        Image.new("L", size, 255).save(buf, format="PNG")
+        return buf.getvalue()
+
+    plain = write_dataset_zip(tmp_path / "plain.zip", [(48, 48), (64, 48)])
+    stem = sorted(n for n in zipfile.ZipFile(plain).namelist() if n.endswith(".png"))[0].removesuffix(".png")
+    size = read_dataset(plain, "TOK").items[0].width, read_dataset(plain, "TOK").items[0].height
+    good = write_dataset_zip(tmp_path / "good.zip", [(48, 48), (64, 48)], extra={f"{stem}_mask.png": png(size)})
+    items = read_dataset(good, "TOK").items
+    assert len(items) == 2 and items[0].mask is not None and items[0].mask.name == f"{stem}_mask.png"
+    assert items[1].mask is None
+    stray = write_dataset_zip(tmp_path / "stray.zip", [(48, 48)], extra={"nothing_mask.png": png((8, 8))})
+    with pytest.raises(FinetuneError, match="nothing_mask.png: a mask without its image nothing"):
+        read_dataset(stray, "TOK")
+    wrong = write_dataset_zip(tmp_path / "wrong.zip", [(48, 48), (64, 48)], extra={f"{stem}_mask.png": png((10, 10))})
+    with pytest.raises(FinetuneError, match=f"{stem}_mask.png: the mask is 10x10 but its image"):
+        read_dataset(wrong, "TOK")

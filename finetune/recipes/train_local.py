@@ -41,7 +41,17 @@ from tqdm.auto import tqdm
 
 from finetune import cache, checkpoint, flow, fused_lora, lora, models, optim
 from finetune.config import Config, config_to_dict, dump_config
-from finetune.dataset import BatchOrder, Dataset, Item, assign_buckets, load_bucket_image, read_dataset, sample_seed
+from finetune.dataset import (
+    BatchOrder,
+    Dataset,
+    Entry,
+    Item,
+    assign_buckets,
+    load_bucket_image,
+    read_dataset,
+    read_datasets,
+    sample_seed,
+)
 from finetune.errors import EXIT_FAILURE, EXIT_USAGE, FinetuneError
 from finetune.registry import Registry, Version
 
@@ -72,7 +82,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     dropout = family.default_caption_dropout(cfg.base_model)
     if dropout is not None and "train.caption_dropout" not in cfg.explicit:  # recorded in the run's config
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, caption_dropout=dropout))
-    dataset = read_dataset(cfg.dataset, cfg.trigger_word)
+    dataset = read_datasets(cfg.dataset, cfg.trigger_word)
     references = max((len(item.references) for item in dataset.items), default=0)
     if references > family.MAX_REFERENCES:
         takes = (
@@ -86,6 +96,16 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             "or FLUX.2 [klein]/[dev] (up to 10)"
         )
     dataset, sample_prompts, sample_inputs = _sample_inputs(cfg, family, dataset)
+    dataset, held_out = _held_out(cfg, dataset)  # train.validation: images the LoRA never trains on
+    regularization = None
+    if cfg.train.regularization.dataset:  # class images: their captions need no trigger word
+        regularization = read_dataset(cfg.train.regularization.dataset, "")
+        if any(item.references for item in regularization.items):
+            raise FinetuneError(
+                f"train.regularization.dataset: {regularization.path} is a pair zip; regularisation takes class "
+                "images (a zip of single images from `finetune prepare`)",
+                EXIT_USAGE,
+            )
     cpu = models.resolve_device(cfg.train.device).type == "cpu"
     processes = PartialState(cpu=cpu)  # joins `accelerate launch` / torchrun process groups
     device, main = processes.device, processes.is_main_process
@@ -103,6 +123,20 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and processes.num_processes > 1
     if sharded:  # we shard (_shard); accelerate then runs as plain data-parallel and must not shard or wrap again
         os.environ["ACCELERATE_USE_FSDP"] = "false"
+    class_word = cfg.train.preservation.class_word.strip()
+    if class_word and quantize and cfg.train.compile:
+        raise FinetuneError(
+            f"train.preservation.class_word: its base-model pass runs the int8 Linears without their LoRA, which "
+            f"torch.compile cannot compile (train.quantize={cfg.train.quantize} on {device}); set "
+            "train.compile=false or train.quantize=none",
+            EXIT_USAGE,
+        )
+    if sharded and cfg.train.ema.decay:
+        raise FinetuneError(
+            "train.ema.decay: the EMA of a LoRA sharded with FSDP (accelerate launch --use_fsdp) is not supported "
+            "yet; launch without FSDP (data-parallel) or set train.ema.decay=0",
+            EXIT_USAGE,
+        )
     if sharded and (quantize or cfg.train.compile):
         raise FinetuneError(
             "FSDP (accelerate launch --use_fsdp) shards bf16 base weights: set train.quantize=none and "
@@ -134,39 +168,35 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     # ---- models: the VAE now, the text encoders only if the cache lacks a caption, the transformer after caching --
     c = family.load_components(cfg.base_model, dtype=dtype, device=device, parts=("vae",))
     vae_scale = family.vae_scale_factor(c.vae)
-    entries = assign_buckets(dataset.items, cfg.train.resolution, multiple=2 * vae_scale)
     prompts = [p.replace("[trigger]", cfg.trigger_word) for p in sample_prompts]
-    texts = sorted({item.caption for item in dataset.items} | {""} | set(prompts))
+    # train.preservation: each caption with the trigger word replaced by the class word, cached like every caption
+    class_captions = {i.caption: i.caption.replace(cfg.trigger_word, class_word) for i in dataset.items if class_word}
 
     # ---- cache: built once by the main process, keyed by content and settings, read by every process ------------
     t_cache = time.perf_counter()
     vae_id = cache.source_identity(cfg.base_model, ["vae"])
     tokenizers = [p.replace("text_encoder", "tokenizer") for p in family.TEXT_PARTS]  # diffusers names them so
     text_id = cache.source_identity(cfg.base_model, [*family.TEXT_PARTS, *tokenizers])
-    latent_keys = [cache.latent_key(vae_id, dataset.items[e.item].sha256, e.bucket, dtype) for e in entries]
-    # Edit pairs: each reference is encoded at its target's bucket (so a batch stacks them; FLUX.2 would also take a
-    # reference at its own size up to 1 MP), keyed by its content like a target.
-    images = [(k, dataset.items[e.item].name, e.bucket) for k, e in zip(latent_keys, entries, strict=True)]
-    ref_keys = []
-    for e in entries:
-        refs = dataset.items[e.item].references
-        ref_keys.append([cache.latent_key(vae_id, r.sha256, e.bucket, dtype) for r in refs])
-        images += [(k, r.name, e.bucket) for k, r in zip(ref_keys[-1], refs, strict=True)]
+    plan = functools.partial(_Examples.plan, cfg=cfg, vae_id=vae_id, dtype=dtype, multiple=2 * vae_scale)
+    train_ex = plan(dataset, dataset.items, repeats=True)
+    val_ex = plan(held_out, held_out.items) if held_out is not None else None
+    reg_ex = plan(regularization, regularization.items) if regularization is not None else None
+    examples = [ex for ex in (train_ex, val_ex, reg_ex) if ex is not None]
+    images = list({image[0]: image for ex in examples for image in ex.images}.values())  # repeats: once each
+    captions = {item.caption for ex in examples for item in ex.items}
+    texts = sorted(captions | {""} | set(prompts) | set(class_captions.values()))
     text_keys = {t: cache.text_key(text_id, t, seq_len, dtype, family.NAME) for t in texts}
     if main:
         try:
-            _build_cache(cfg, family, c, dataset, images, text_keys, cache_dir, dtype, device, seq_len, vae_scale)
+            _build_cache(cfg, family, c, images, text_keys, cache_dir, dtype, device, seq_len, vae_scale)
         except Exception as e:  # the other processes wait for the broadcast below: tell them, then raise
             broadcast_object_list([f"{type(e).__name__}: {e}"])
             raise
     failure = broadcast_object_list([None])[0]  # also the barrier: the cache is complete past this line
     if failure is not None:
         raise FinetuneError(f"the main process could not build the cache ({failure})", EXIT_FAILURE)
-    latents = [cache.read_tensors(cache.latent_file(cache_dir, k)) for k in latent_keys]
-    # References as the pipeline encodes them: the distribution's mean (its mode, no draw), normalized once here.
-    means = {k: cache.read_tensors(cache.latent_file(cache_dir, k))["mean"] for keys in ref_keys for k in keys}
-    normalized = {k: family.normalize_latents(m.float()[None], c.vae)[0] for k, m in means.items()}
-    references = [[normalized[k] for k in keys] for keys in ref_keys]  # [C, h, w] per entry and reference
+    for ex in examples:
+        ex.load(cache_dir, family, c.vae)
     text = {t: cache.read_tensors(cache.text_file(cache_dir, k)) for t, k in text_keys.items()}
     if not sample_inputs:  # only the decoder is needed from here on (samples); edit samples encode their inputs
         c.vae.encoder = None
@@ -177,6 +207,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         _log_to(run_dir / "train.log")
     accelerator.init_trackers("logs")  # TensorBoard events in <run>/logs, W&B in <run>/wandb (main process only)
+    entries = train_ex.entries
     log.info(
         "run %s: %d images, %d entries, device %s, dtype %s, base weights %s, %d process(es), %s",
         run_dir,
@@ -235,18 +266,28 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
         model, optimizer = accelerator.prepare(transformer, optimizer)
     start = 0
     torch.manual_seed(cfg.train.seed)  # LoRA dropout is the only user of the global RNG
+    # EMA of the LoRA (train.ema): float32, on the CPU (one copy per step, no device memory) or beside the weights.
+    ema = None
+    if cfg.train.ema.decay:
+        ema = lora.ema_weights(transformer, "cpu" if cfg.train.ema.device == "cpu" else device)
     if state is not None:
         lora.set_lora_state(transformer, state["lora"])
         checkpoint.load_optimizer_state(transformer, optimizer, state["optimizer"], sharded=sharded)
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema = {k: v.to(next(iter(ema.values())).device) for k, v in state["ema"].items()}
         checkpoint.set_rng_state(state["rng"])
         start = state["step"]
         log.info("resumed from %s at step %d", ckpt, start)
 
     # ---- loop -------------------------------------------------------------------------------------------------------
     guidance = cfg.train.guidance if getattr(transformer.config, "guidance_embeds", False) else None  # dev only
-    batch = _Batches(cfg, family, entries, latents, references, text, dataset.items, c.vae, accelerator, dtype)
-    val = _validation_batch(cfg, family, entries, latents, references, text, dataset.items, c.vae, device, dtype)
+    batch = _Batches(cfg, family, train_ex, text, c.vae, accelerator, dtype)
+    batch.class_captions = class_captions
+    reg_batch = _Batches(cfg, family, reg_ex, text, c.vae, accelerator, dtype, "regularization") if reg_ex else None
+    parts = [(batch, None)] + ([(reg_batch, cfg.train.regularization.weight)] if reg_batch else [])
+    preservation = cfg.train.preservation.weight if class_captions else 0.0
+    val = _validation_batch(cfg, family, val_ex or train_ex, text, c.vae, device, dtype)
     sampling = _sampling(cfg, family, c, transformer, text, prompts, sample_inputs) if main or sharded else None
     if sampling is not None and cfg.sample.preview_model:
         weights = lora.lora_state_dict(transformer)  # under FSDP every process takes part in gathering the shards
@@ -256,22 +297,31 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not main, dynamic_ncols=True)
     smoothed, logged, t_loop, t_log = None, start, time.perf_counter(), time.perf_counter()
     if start == 0:
-        _evaluate(cfg, family, 0, transformer, val, guidance, sampling, run_dir, accelerator)
+        _evaluate(cfg, family, 0, transformer, val, guidance, sampling, run_dir, accelerator, ema)
         t_loop = t_log = time.perf_counter()
     accum = cfg.train.gradient_accumulation
     for step in range(start, cfg.train.steps):
-        for micro in range(accum):
-            sync = micro == accum - 1
+        # Each micro-batch of training images, then (train.regularization) one of class images: a backward each.
+        for micro, (source, weight) in ((m, p) for m in range(accum) for p in parts):
+            sync = micro == accum - 1 and source is parts[-1][0]
             if sharded:  # FSDP's own switch for reduce-scattering gradients; autocast, which prepare() adds to DDP
                 model.set_requires_gradient_sync(sync)
             with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(model):
                 with accelerator.autocast() if sharded else contextlib.nullcontext():
-                    loss = _flow_loss(family, model, batch(step * accum + micro), guidance)
+                    b = source(step * accum + micro)
+                    if preservation and source is batch:
+                        loss = _preservation_loss(family, model, transformer, b, guidance, preservation, accelerator)
+                    else:
+                        loss = _flow_loss(family, model, b, guidance)
+                    if weight is not None:
+                        loss = weight * loss
                 accelerator.backward(loss / accum)
             losses[step] += loss.detach() / accum
         if cfg.train.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
+        if ema is not None:
+            lora.update_ema(ema, transformer, cfg.train.ema.decay)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -298,20 +348,22 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             logged, t_log = done, time.perf_counter()
         bar.update(1)
         if cfg.train.save_every and done % cfg.train.save_every == 0 or done == cfg.train.steps:
-            _save(cfg, family, run_dir, done, transformer, optimizer, scheduler, dataset.digest, main, sharded)
+            _save(cfg, family, run_dir, done, transformer, optimizer, scheduler, dataset.digest, main, sharded, ema)
             accelerator.wait_for_everyone()
         if cfg.sample.every and done % cfg.sample.every == 0 and done != cfg.train.steps:
             t_eval = time.perf_counter()
-            _evaluate(cfg, family, done, transformer, val, guidance, sampling, run_dir, accelerator)
+            _evaluate(cfg, family, done, transformer, val, guidance, sampling, run_dir, accelerator, ema)
             t_log += time.perf_counter() - t_eval  # s/it counts training steps only
             t_loop += time.perf_counter() - t_eval
     bar.close()
     train_s = time.perf_counter() - t_loop
-    _evaluate(cfg, family, cfg.train.steps, transformer, val, guidance, sampling, run_dir, accelerator)
+    _evaluate(cfg, family, cfg.train.steps, transformer, val, guidance, sampling, run_dir, accelerator, ema)
 
     # ---- register: the main process adds the version, the others read it back ------------------------------------
     ref = [None]
     weights = lora.lora_state_dict(transformer)  # under FSDP every process takes part in gathering the shards
+    if ema is not None:  # the registered file holds the EMA weights; checkpoints keep the raw ones for resuming
+        weights = {k: v.to("cpu", copy=True) for k, v in ema.items()}
     if main:
         lora_file = lora.save_lora(
             run_dir / "lora.safetensors",
@@ -331,7 +383,7 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             "family": family.NAME,
             "trigger_word": cfg.trigger_word,
             "backend": "local",
-            "dataset": {"path": str(dataset.path), "digest": dataset.digest},
+            "dataset": {"path": _dataset_paths(dataset), "digest": dataset.digest},
             "config": config_to_dict(cfg),
             "timings": timings,
             "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.targets},
@@ -428,10 +480,10 @@ def _log_to(path: Path) -> None:
     log.setLevel(logging.INFO)
 
 
-def _build_cache(cfg, family, c, dataset, images, text_keys, cache_dir, dtype, device, seq_len, vae_scale):
+def _build_cache(cfg, family, c, images, text_keys, cache_dir, dtype, device, seq_len, vae_scale):
     """Encode what the cache lacks: estimate its size against the free disk first, then free the encoders.
-    ``images``: (latent key, zip entry, bucket) of every target, then of every reference."""
-    missing_latents = [i for i, (k, _, _) in enumerate(images) if not cache.latent_file(cache_dir, k).is_file()]
+    ``images``: (latent key, zip, zip entry, bucket, flipped) of every target and reference."""
+    missing_latents = [i for i, image in enumerate(images) if not cache.latent_file(cache_dir, image[0]).is_file()]
     missing_texts = [(k, t) for t, k in text_keys.items() if not cache.text_file(cache_dir, k).is_file()]
     if not missing_latents and not missing_texts:
         log.info("cache: every latent and caption is cached in %s", cache_dir)
@@ -439,21 +491,25 @@ def _build_cache(cfg, family, c, dataset, images, text_keys, cache_dir, dtype, d
     encoders = None
     itemsize = torch.empty(0, dtype=dtype).element_size()
     needed = cache.estimate_latent_bytes(
-        [images[i][2] for i in missing_latents], c.vae.config.latent_channels, vae_scale, itemsize
+        [images[i][3] for i in missing_latents], c.vae.config.latent_channels, vae_scale, itemsize
     )
     if missing_texts:
         encoders = family.load_components(cfg.base_model, dtype=dtype, device=device, parts=family.TEXT_PARTS)
         needed += len(missing_texts) * family.text_bytes(encoders, seq_len, itemsize)
     cache.check_free_space(cache_dir, needed)
     log.info("cache: encoding %d latents and %d captions into %s", len(missing_latents), len(missing_texts), cache_dir)
-    with zipfile.ZipFile(dataset.path) as zf:
+    with contextlib.ExitStack() as stack:
+        zips: dict[Path, zipfile.ZipFile] = {}
 
-        def pixels(name: str, bucket: tuple[int, int]) -> torch.Tensor:
-            image = load_bucket_image(zf, name, bucket)
+        def pixels(path: Path, name: str, bucket: tuple[int, int], flipped: bool) -> torch.Tensor:
+            if path not in zips:
+                zips[path] = stack.enter_context(zipfile.ZipFile(path))
+            image = load_bucket_image(zips[path], name, bucket)
             x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
-            return x.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, h, w] in [-1, 1]
+            x = x.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, h, w] in [-1, 1]
+            return x.flip(-1) if flipped else x  # train.flip: the mirror image, encoded once like any other
 
-        jobs = [(images[i][0], lambda job=images[i]: pixels(job[1], job[2])) for i in missing_latents]
+        jobs = [(images[i][0], lambda job=images[i]: pixels(*job[1:])) for i in missing_latents]
         cache.cache_latents(cache_dir, jobs, lambda px: family.encode_images(c.vae, px))
     if encoders is not None:
         cache.cache_texts(cache_dir, missing_texts, lambda t: family.encode_prompts(encoders, t, seq_len))
@@ -461,6 +517,132 @@ def _build_cache(cfg, family, c, dataset, images, text_keys, cache_dir, dtype, d
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# ---- data helpers ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Examples:
+    """The entries of one role (training, held-out validation, regularisation images) and their cached tensors:
+    ``plan`` names the latents to cache, ``load`` reads them (and the masks) once the cache is complete."""
+
+    dataset: Dataset
+    items: tuple[Item, ...]
+    entries: list[Entry]
+    keys: list[str]  # latent key per entry
+    flip_keys: list[str] | None  # of the mirror images (train.flip)
+    ref_keys: list[list[str]]
+    flip_ref_keys: list[list[str]] | None
+    images: list[tuple]  # (key, zip, name, bucket, flipped): what the cache needs
+    latents: list[dict] = dataclasses.field(default_factory=list)
+    flipped: list[dict] | None = None
+    references: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)
+    flipped_references: list[list[torch.Tensor]] | None = None
+    masks: list[torch.Tensor | None] = dataclasses.field(default_factory=list)  # [1, H, W] in [0, 1] per entry
+
+    @classmethod
+    def plan(cls, dataset, items, *, cfg, vae_id, dtype, multiple, repeats=False) -> _Examples:
+        entries = assign_buckets(items, cfg.train.resolution, multiple=multiple)
+        if repeats:  # a dataset list's {path, repeats}: each entry that many times per epoch
+            entries = [e for e in entries for _ in range(items[e.item].repeats)]
+        key = functools.partial(cache.latent_key, vae_id, dtype=dtype)
+        keys, ref_keys, images, ref_images = [], [], [], []
+        flip_keys, flip_ref_keys = ([], []) if cfg.train.flip else (None, None)
+        for e in entries:
+            item, zip_path = items[e.item], dataset.zip_of(items[e.item])
+            # Edit pairs: each reference is encoded at its target's bucket (so a batch stacks them; FLUX.2 would also
+            # take a reference at its own size up to 1 MP), keyed by its content like a target.
+            for flipped in (False, True) if cfg.train.flip else (False,):
+                k = key(item.sha256, e.bucket, flipped=flipped)
+                refs = [key(r.sha256, e.bucket, flipped=flipped) for r in item.references]
+                (flip_keys if flipped else keys).append(k)
+                (flip_ref_keys if flipped else ref_keys).append(refs)
+                images.append((k, zip_path, item.name, e.bucket, flipped))
+                ref_images += [
+                    (rk, zip_path, r.name, e.bucket, flipped) for rk, r in zip(refs, item.references, strict=True)
+                ]
+        # targets first, then references: the order (and so the VAE's batches) the cache was always built in
+        return cls(dataset, items, entries, keys, flip_keys, ref_keys, flip_ref_keys, images + ref_images)
+
+    def load(self, cache_dir: Path, family, vae) -> None:
+        read = functools.cache(lambda k: cache.read_tensors(cache.latent_file(cache_dir, k)))  # repeats share
+        self.latents = [read(k) for k in self.keys]
+        self.flipped = [read(k) for k in self.flip_keys] if self.flip_keys is not None else None
+        # References as the pipeline encodes them: the distribution's mean (its mode, no draw), normalized once.
+        normalized = functools.cache(lambda k: family.normalize_latents(read(k)["mean"].float()[None], vae)[0])
+        self.references = [[normalized(k) for k in keys] for keys in self.ref_keys]  # [C, h, w] per reference
+        if self.flip_ref_keys is not None:
+            self.flipped_references = [[normalized(k) for k in keys] for keys in self.flip_ref_keys]
+        self.masks = _read_masks(self.dataset, self.items, self.entries)
+
+
+def _read_masks(dataset: Dataset, items, entries) -> list[torch.Tensor | None]:
+    """Each entry's mask (``<stem>_mask.png``, white = learn) at its bucket's pixels, cropped as its image, as
+    [1, H, W] in [0, 1]; None for an image without one."""
+    out: list[torch.Tensor | None] = []
+    zips: dict[Path, zipfile.ZipFile] = {}
+    try:
+        for e in entries:
+            mask = items[e.item].mask
+            if mask is None:
+                out.append(None)
+                continue
+            path = dataset.zip_of(items[e.item])
+            zf = zips.setdefault(path, zipfile.ZipFile(path))
+            image = load_bucket_image(zf, mask.name, e.bucket, mode="L")
+            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(1, image.height, image.width)
+            out.append(x.float() / 255.0)
+    finally:
+        for zf in zips.values():
+            zf.close()
+    return out
+
+
+def mask_to_latent_grid(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask [.., H, W] as loss weights on the latent grid [.., h, w]: the mean over each f×f block of pixels
+    that one latent covers (f = H / h: 8 for FLUX.1's VAE, 16 for FLUX.2's with its 2×2 patchify), as the VAE
+    downsamples by f with no overlap at its output; kohya's masked loss does the same with an area resize."""
+    f = mask.shape[-2] // latent_hw[0]
+    if mask.shape[-1] // latent_hw[1] != f or mask.shape[-2] % f or mask.shape[-1] % f:
+        raise ValueError(f"mask of {tuple(mask.shape[-2:])} does not tile the latent grid {latent_hw}")
+    return F.avg_pool2d(mask, f)
+
+
+def _held_out(cfg: Config, dataset: Dataset) -> tuple[Dataset, Dataset | None]:
+    """(the images to train on, the held-out ones for the validation loss or None). ``train.validation.split``
+    holds out that share of the images (at least one), chosen by a hash of the seed and each image's content, so
+    the choice depends on neither the zip's order nor the process count; every copy of a held-out image (another
+    zip of a list) is held out with it. ``train.validation.dataset`` is a zip of its own."""
+    val = cfg.train.validation
+    if val.dataset:
+        held = read_dataset(val.dataset, cfg.trigger_word)
+        return dataset, dataclasses.replace(
+            held, items=tuple(dataclasses.replace(i, zip_path=held.path) for i in held.items)
+        )
+    if not val.split:
+        return dataset, None
+    shas = sorted({item.sha256 for item in dataset.items}, key=lambda h: sample_seed(cfg.train.seed, -2, 0, h))
+    n = max(1, round(val.split * len(shas)))
+    if n >= len(shas):
+        raise FinetuneError(
+            f"train.validation.split: {val.split:g} of {len(shas)} image(s) holds out {n}, leaving none to train "
+            "on; lower it or add images",
+            EXIT_USAGE,
+        )
+    held = set(shas[:n])
+    keep = tuple(item for item in dataset.items if item.sha256 not in held)
+    out = tuple(
+        dataclasses.replace(item, zip_path=dataset.zip_of(item)) for item in dataset.items if item.sha256 in held
+    )
+    return dataclasses.replace(dataset, items=keep), dataclasses.replace(dataset, items=out)
+
+
+def _dataset_paths(dataset: Dataset) -> str | list:
+    """The dataset's zip for the lineage, or its zips and repeats when it was a list."""
+    if not dataset.sources:
+        return str(dataset.path)
+    return [{"path": str(path), "repeats": repeats} for path, repeats in dataset.sources]
 
 
 # ---- loop helpers ---------------------------------------------------------------------------------------------------
@@ -475,6 +657,8 @@ class _Batch:
     img_ids: torch.Tensor  # [tokens, 3 or 4]
     txt_ids: torch.Tensor  # [seq, 3 or 4]
     references: list[torch.Tensor] = dataclasses.field(default_factory=list)  # edit pairs: [B, C, h, w] per index
+    class_text: dict[str, torch.Tensor] | None = None  # train.preservation: the class captions' text tensors
+    loss_weights: torch.Tensor | None = None  # masks on the latent grid, packed like the target [B, tokens, D]
 
 
 def _stack_text(rows: list[dict[str, torch.Tensor]], **to) -> dict[str, torch.Tensor]:
@@ -483,32 +667,45 @@ def _stack_text(rows: list[dict[str, torch.Tensor]], **to) -> dict[str, torch.Te
 
 class _Batches:
     """``batches(index)``: this process's share of global micro-batch ``index``, with per-sample randomness drawn
-    from (seed, index, sample id) so any process count sees the same samples with the same noise."""
+    from (seed, index, sample id) so any process count sees the same samples with the same noise; ``stream`` names
+    another order and draws from the same seed (the regularisation images')."""
 
-    def __init__(self, cfg, family, entries, latents, references, text, items, vae, accelerator, dtype):
-        self.cfg, self.family, self.entries, self.latents, self.references = cfg, family, entries, latents, references
-        self.text, self.items, self.vae, self.dtype, self.device = text, items, vae, dtype, accelerator.device
+    def __init__(self, cfg, family, ex: _Examples, text, vae, accelerator, dtype, stream: str = ""):
+        self.cfg, self.family, self.ex, self.stream = cfg, family, ex, stream
+        self.text, self.vae, self.dtype, self.device = text, vae, dtype, accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.order = BatchOrder(entries, cfg.train.batch_size, cfg.train.seed)
+        self.order = BatchOrder(ex.entries, cfg.train.batch_size, cfg.train.seed, stream)
         self.ids: dict[tuple[int, ...], torch.Tensor] = {}  # image position ids per latent shape
+        self.class_captions: dict[str, str] = {}  # train.preservation: caption → class caption
+        self.masked = any(m is not None for m in ex.masks)
         seq = next(iter(text.values()))["prompt_embeds"].shape[0]  # every caption is cached at one length
         self.txt_ids = family.text_ids(seq, self.device, dtype)
 
     def __call__(self, index: int) -> _Batch:
-        cfg, family = self.cfg, self.family
+        cfg, family, ex = self.cfg, self.family, self.ex
         chosen = self.order(index)
         rows = []
         for sample_id in range(self.rank, len(chosen), self.world):
             entry = chosen[sample_id]
-            mean, std = self.latents[entry]["mean"].float(), self.latents[entry]["std"].float()
-            g = torch.Generator().manual_seed(sample_seed(cfg.train.seed, index, sample_id))
+            seed = sample_seed(cfg.train.seed, index, sample_id, self.stream)
+            flipped = ex.flipped is not None and _coin(sample_seed(cfg.train.seed, index, sample_id, "flip"))
+            latent = (ex.flipped if flipped else ex.latents)[entry]
+            mean, std = latent["mean"].float(), latent["std"].float()
+            g = torch.Generator().manual_seed(seed)
             z = mean + std * torch.randn(mean.shape, generator=g)  # a fresh draw from the latent distribution
             z = family.normalize_latents(z[None], self.vae)[0]
             noise = torch.randn(z.shape, generator=g)
             sigma = flow.sample_sigmas(cfg.train.sigma_sampling, 1, family.image_seq_len(z.shape), g)
             dropped = torch.rand(1, generator=g).item() < cfg.train.caption_dropout
-            caption = "" if dropped else self.items[self.entries[entry].item].caption
-            rows.append((z, noise, sigma, self.text[caption], self.references[entry]))
+            own = ex.items[ex.entries[entry].item].caption
+            caption = "" if dropped else own
+            refs = (ex.flipped_references if flipped else ex.references)[entry]
+            weights = None
+            if self.masked:  # train.flip mirrors the mask with its image
+                mask = ex.masks[entry]
+                mask = torch.ones((1, *ex.entries[entry].bucket[::-1])) if mask is None else mask
+                weights = mask_to_latent_grid(mask.flip(-1) if flipped else mask, z.shape[-2:]).expand_as(z)
+            rows.append((z, noise, sigma, self.text[caption], refs, own, weights))
         z = torch.stack([r[0] for r in rows])
         references = zip(*[r[4] for r in rows], strict=True)  # reference i of every sample, for each i
         if z.shape[1:] not in self.ids:
@@ -522,7 +719,21 @@ class _Batches:
             img_ids=self.ids[z.shape[1:]],
             txt_ids=self.txt_ids,
             references=[torch.stack(refs).to(dtype=self.dtype, **to) for refs in references],
+            class_text=_class_text(self, [r[5] for r in rows], to),
+            loss_weights=family.pack_latents(torch.stack([r[6] for r in rows])).to(**to) if self.masked else None,
         )
+
+
+def _coin(seed: int) -> bool:
+    """A fair coin from ``seed`` (train.flip: which of the two cached latents a sample uses)."""
+    return torch.rand(1, generator=torch.Generator().manual_seed(seed)).item() < 0.5
+
+
+def _class_text(batches, captions: list[str], to: dict) -> dict[str, torch.Tensor] | None:
+    """The class captions of ``captions`` (the samples' own, dropped or not) as one batch, or None without DOP."""
+    if not batches.class_captions:
+        return None
+    return _stack_text([batches.text[batches.class_captions[c]] for c in captions], dtype=batches.dtype, **to)
 
 
 def _flow_loss(family, model, b: _Batch, guidance: float | None) -> torch.Tensor:
@@ -531,18 +742,51 @@ def _flow_loss(family, model, b: _Batch, guidance: float | None) -> torch.Tensor
     model_pred = family.predict(model, noisy, b.sigmas, b.text, b.img_ids, b.txt_ids, guidance, b.references or None)
     # packing is a permutation: same MSE; with references the loss covers the target's tokens only (predict cuts)
     target = family.pack_latents(flow.flow_target(b.latents, b.noise))
+    if b.loss_weights is not None:
+        return masked_mse(model_pred, target, b.loss_weights)
     return F.mse_loss(model_pred.float(), target.float())
 
 
-def _validation_batch(cfg, family, entries, latents, references, text, items, vae, device, dtype) -> list[_Batch]:
-    """Fixed batches for the validation loss: the first images at each σ in VAL_SIGMAS with fixed noise."""
+def masked_mse(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``mean(w · (pred − target)²)``: kohya's masked loss (``apply_masked_loss``: the per-element loss times the
+    mask, then the mean), so a weight of 0 removes an element from the loss and its gradient, and all-ones weights
+    give the plain MSE."""
+    return (weights.float() * (model_pred.float() - target.float()).square()).mean()
+
+
+def _preservation_loss(family, model, base, b: _Batch, guidance, weight: float, accelerator) -> torch.Tensor:
+    """The flow loss plus ``weight`` × differential output preservation (ai-toolkit's ``diff_output_preservation``,
+    reference/local-trainers.md §1): on the same noisy latents, the prediction for the class captions with the LoRA
+    is pulled towards the base model's own (the LoRA disabled, no gradient), so the trigger word's change stays off
+    the class. The two predictions with the LoRA run as one batch, so DDP sees one forward per backward."""
+    noisy = flow.add_noise(b.latents, b.noise, b.sigmas)
+    refs = b.references or None
+    with torch.no_grad(), lora.lora_disabled(base), accelerator.autocast():
+        prior = family.predict(base, noisy, b.sigmas, b.class_text, b.img_ids, b.txt_ids, guidance, refs)
+    both = {k: torch.cat([b.text[k], b.class_text[k]]) for k in b.text}
+    two = lambda t: torch.cat([t, t])  # noqa: E731
+    model_pred = family.predict(
+        model, two(noisy), two(b.sigmas), both, b.img_ids, b.txt_ids, guidance, [two(r) for r in refs or ()] or None
+    )
+    n = b.latents.shape[0]
+    target = family.pack_latents(flow.flow_target(b.latents, b.noise))
+    if b.loss_weights is not None:  # the mask weights the subject's images; the class prompts are kept whole
+        loss = masked_mse(model_pred[:n], target, b.loss_weights)
+    else:
+        loss = F.mse_loss(model_pred[:n].float(), target.float())
+    return loss + weight * F.mse_loss(model_pred[n:].float(), prior.float())
+
+
+def _validation_batch(cfg, family, ex: _Examples, text, vae, device, dtype) -> list[_Batch]:
+    """Fixed batches for the validation loss: the first images of ``ex`` (the held-out ones with
+    train.validation, else the training images) at each σ in VAL_SIGMAS with fixed noise, unmasked."""
     out = []
     n = len(VAL_SIGMAS)
-    for i, entry in enumerate(entries[:VAL_ITEMS]):
-        z = family.normalize_latents(latents[i]["mean"].float()[None], vae)[0]
+    for i, entry in enumerate(ex.entries[:VAL_ITEMS]):
+        z = family.normalize_latents(ex.latents[i]["mean"].float()[None], vae)[0]
         g = torch.Generator().manual_seed(sample_seed(cfg.train.seed, -1, i, "validation"))
         noise = torch.randn((n, *z.shape), generator=g)
-        emb = text[items[entry.item].caption]
+        emb = text[ex.items[entry.item].caption]
         out.append(
             _Batch(
                 latents=z.expand_as(noise).to(device=device, dtype=dtype),
@@ -551,7 +795,7 @@ def _validation_batch(cfg, family, entries, latents, references, text, items, va
                 text={k: v.expand(n, *v.shape).to(device=device, dtype=dtype) for k, v in emb.items()},
                 img_ids=family.image_ids(z.shape, device, dtype),
                 txt_ids=family.text_ids(emb["prompt_embeds"].shape[0], device, dtype),
-                references=[r.expand(n, *r.shape).to(device=device, dtype=dtype) for r in references[i]],
+                references=[r.expand(n, *r.shape).to(device=device, dtype=dtype) for r in ex.references[i]],
             )
         )
     return out
@@ -688,12 +932,21 @@ def _preview(cfg, family, c, weights, dtype, quantize) -> dict:
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # a few eval shapes are not worth compiling (no-op when not compiled)
-def _evaluate(cfg, family, step, transformer, val, guidance, sampling, run_dir, accelerator) -> None:
+def _evaluate(cfg, family, step, transformer, val, guidance, sampling, run_dir, accelerator, ema=None) -> None:
     """Fixed-σ validation loss and sample images, into metrics.jsonl, samples/ and the trackers. With DDP the main
     process alone runs them on the bare model (no collective); under FSDP every process runs them, since each
-    forward gathers the blocks' shards from all of them, and the main process writes."""
+    forward gathers the blocks' shards from all of them, and the main process writes. With ``ema`` (train.ema) they
+    use the EMA weights, swapped in for the call and the trained ones copied back exactly after it."""
     main = accelerator.is_main_process
     if not (main or _is_sharded(transformer)):
+        return
+    if ema is not None:
+        trained = lora.lora_state_dict(transformer)
+        lora.set_lora_state(transformer, ema)
+        try:
+            _evaluate(cfg, family, step, transformer, val, guidance, sampling, run_dir, accelerator)
+        finally:
+            lora.set_lora_state(transformer, trained)
         return
     transformer.eval()
     val_loss = sum(_flow_loss(family, transformer, b, guidance).item() for b in val) / max(1, len(val))
@@ -836,7 +1089,7 @@ def _shard(transformer: torch.nn.Module) -> None:
     fully_shard(transformer)
 
 
-def _save(cfg, family, run_dir, step, transformer, optimizer, scheduler, digest, main, sharded) -> None:
+def _save(cfg, family, run_dir, step, transformer, optimizer, scheduler, digest, main, sharded, ema) -> None:
     """Write a checkpoint (main process). Under FSDP every process calls it: the LoRA and its optimizer state are
     gathered from every shard first."""
     if not (main or sharded):
@@ -853,6 +1106,8 @@ def _save(cfg, family, run_dir, step, transformer, optimizer, scheduler, digest,
         "dataset_digest": digest,
         "config": config_to_dict(cfg),
     }
+    if ema is not None:  # train.ema: float32 on the CPU, so a resumed run continues it exactly
+        state["ema"] = {k: v.to("cpu", copy=True) for k, v in ema.items()}
     write = lambda path: lora.save_lora(  # noqa: E731
         path,
         weights,

@@ -1,0 +1,73 @@
+"""train.preservation (differential output preservation): the LoRA changes the base model's prediction on
+class-word prompts less than the same run without it, measured on the transformer's velocity, fixed seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train_local import tiny_config, work  # noqa: F401 (fixture)
+
+from finetune import flow, lora, models
+from finetune.config import parse_config
+from finetune.recipes.train_local import train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CLASS_CAPTIONS = [f"a photo of person, picture {i}" for i in range(6)]  # the dataset's captions, TOK → person
+
+
+@torch.no_grad()
+def prediction_change(base: str, lora_file, captions: list[str] = CLASS_CAPTIONS) -> float:
+    """Mean squared difference of the transformer's velocity with and without the LoRA on ``captions`` (fixed
+    images, noise and σ = 0.5), through the family interface."""
+    family = models.family_for(base)
+    c = family.load_components(base, parts=("transformer", "vae", *family.TEXT_PARTS))
+    seq = family.max_sequence_length(base, 16)
+    text = family.encode_prompts(c, captions, seq)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand((len(captions), 3, 32, 32), generator=g) * 2 - 1
+    latents = family.normalize_latents(family.encode_images(c.vae, pixels)[0], c.vae)
+    sigmas = torch.full((len(captions),), 0.5)
+    noisy = flow.add_noise(latents, torch.randn(latents.shape, generator=g), sigmas)
+    img_ids = family.image_ids(latents.shape[1:], "cpu", torch.float32)
+    txt_ids = family.text_ids(seq, "cpu", torch.float32)
+    guidance = 1.0 if getattr(c.transformer.config, "guidance_embeds", False) else None
+    before = family.predict(c.transformer, noisy, sigmas, text, img_ids, txt_ids, guidance)
+    weights, _ = lora.load_lora_file(lora_file)
+    lora.add_lora(c.transformer, rank=16, alpha=16, targets="all-linear")
+    lora.set_lora_state(c.transformer, weights)
+    after = family.predict(c.transformer, noisy, sigmas, text, img_ids, txt_ids, guidance)
+    return (after - before).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("base", ["preset:tiny", "preset:flux2-tiny"])
+def test_preservation_keeps_the_class_prompts_closer_to_the_base_model(work, dataset_zip, base):  # noqa: F811
+    def run(name: str, class_word: str) -> float:
+        data = tiny_config(dataset_zip, base, steps=10, output_dir=name)
+        data["train"]["preservation"] = {"class_word": class_word}
+        return prediction_change(base, train(parse_config(data)).lora_path)
+
+    plain, preserved = run("plain", ""), run("dop", "person")
+    assert preserved < 0.8 * plain, (preserved, plain)  # measured: FLUX.1 tiny < 0.5, FLUX.2 tiny 0.53
+
+
+@pytest.mark.slow
+def test_preservation_with_torch_compile_trains_the_eager_lora(work, dataset_zip):  # noqa: F811
+    """The base-model pass flips peft's disable flag inside the compiled blocks: one more graph, the same math."""
+    from safetensors.torch import load_file
+
+    def run(name: str, **keys) -> dict:
+        data = tiny_config(dataset_zip, output_dir=name, **keys) | {"lora": {"save_dtype": "float32"}}
+        data["train"]["preservation"] = {"class_word": "person"}
+        return load_file(str(train(parse_config(data)).lora_path))
+
+    eager, compiled = run("eager"), run("compiled", compile=True)
+    for key in eager:
+        torch.testing.assert_close(eager[key], compiled[key], rtol=1e-3, atol=1e-4)
