@@ -66,10 +66,12 @@ def test_validation_loss_uses_the_ema_weights_and_leaves_the_trained_ones(work, 
     assert ema_val[0] == plain_val[0] and ema_val[1:] != plain_val[1:]  # step 0: the EMA is the initial LoRA
 
 
-def test_resume_with_ema_is_bitwise(work, dataset_zip):  # noqa: F811
+@pytest.mark.parametrize("base", ["preset:tiny", "preset:flux2-tiny"])
+def test_a_resumed_run_with_ema_and_preservation_matches_an_uninterrupted_one_bitwise(work, dataset_zip, base):  # noqa: F811
     def config(out: str):
-        data = tiny_config(dataset_zip, save_every=3, output_dir=out)
+        data = tiny_config(dataset_zip, base, save_every=3, output_dir=out)
         data["train"]["ema"] = {"decay": 0.8}
+        data["train"]["preservation"] = {"class_word": "person"}
         return parse_config(data)
 
     full = train(config("a"))
