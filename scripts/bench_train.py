@@ -3,6 +3,8 @@
     python scripts/bench_train.py                    # 256 and 512 px, 2 threads, 3 rounds
     python scripts/bench_train.py --px 256 --steps 40 --rounds 1
     python scripts/bench_train.py --family flux2     # the same on preset:flux2-small (FLUX.2 [klein]-shaped)
+    python scripts/bench_train.py --family kontext --edit --reference train_dreambooth_lora_flux_kontext.py
+    python scripts/bench_train.py --family flux2 --edit --reference train_dreambooth_lora_flux2_klein_img2img.py
 
 For each resolution, in fresh subprocesses (so peak RSS is per measurement), with 8 generated images (three aspect
 buckets), batch 1, LoRA rank 16 on every block Linear, text max_sequence_length 64:
@@ -28,6 +30,19 @@ buckets), batch 1, LoRA rank 16 on every block Linear, text max_sequence_length 
 
 This VM's speed drifts by 10-30 % over minutes, so the kinds run in ``--rounds`` rounds, each in a rotated order,
 and every figure is the median over rounds. Prints a table and the ratios; ``--json PATH`` writes the figures.
+
+``--edit`` benchmarks edit LoRAs (``--family kontext``: ``preset:kontext-small``, FLUX.1 Kontext-shaped; ``--family
+flux2``: ``preset:flux2-small``). The data are 8 pairs built by ``finetune.prepare`` (``<stem>_start.png`` reference,
+``<stem>_end.png`` target, ``<stem>.txt`` instruction), the targets in the three buckets above and each reference the
+size of its target, so every step runs twice the image tokens. The rows:
+
+- ``trainer``, ``ref-lora`` (and ``compiled``, ``int8``... when asked for): as above, on the pair zip;
+- ``t2i``: the same trainer on the targets alone (a text-to-image dataset): ``trainer/t2i`` is the edit's overhead;
+- ``eager`` and ``floor``: as above, with a reference latent of the target's size passed as ``references=``;
+- ``reference``: the script's I2I mode (``--dataset_name`` a local parquet folder with ``image``, ``cond_image`` and
+  ``caption`` columns): diffusers' ``train_dreambooth_lora_flux_kontext.py`` (its default LoRA: rank 4 on every
+  double-block Linear and the single blocks' attention and ``proj_mlp``), or for FLUX.2
+  ``train_dreambooth_lora_flux2_klein_img2img.py`` (the klein script's LoRA, the pipeline's text layers).
 """
 
 from __future__ import annotations
@@ -47,14 +62,24 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64
 RANK = 16
 IMAGES = 8
-PRESETS = {"flux1": "small", "flux2": "flux2-small"}
+PRESETS = {"flux1": "small", "flux2": "flux2-small", "kontext": "kontext-small"}
 FAMILY = "flux1"  # set by --family
+EDIT = False  # set by --edit: train on edit pairs, every step with the target's reference
 _ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 # The reference scripts' LoRA: rank 4 (alpha = rank) on these modules. train_dreambooth_lora_flux.py: the double
 # blocks' attention; train_dreambooth_lora_flux2_klein.py adds the single blocks' fused qkv+mlp and output Linears.
 REFERENCE_LORA = {
     "flux1": {"rank": 4, "alpha": 4.0, "targets": _ATTENTION},
     "flux2": {"rank": 4, "alpha": 4.0, "targets": _ATTENTION + ["attn.to_qkv_mlp_proj", "attn.to_out"]},
+    # train_dreambooth_lora_flux_kontext.py: every double-block Linear but the norms', the single blocks' attention
+    # and proj_mlp (not proj_out)
+    "kontext": {
+        "rank": 4,
+        "alpha": 4.0,
+        "targets": _ATTENTION
+        + ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"]
+        + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp"],
+    },
 }
 
 
@@ -62,16 +87,61 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _sizes(px: int, square: bool) -> list[tuple[int, int]]:
+    """IMAGES sizes in three aspect buckets, or all square (the reference crops every image square, so the rows
+    compared with it train on squares too: the same tokens per step)."""
+    if square:
+        return [(px + px // 4, px + px // 4)] * IMAGES
+    return [(px, px), (px + px // 4, px), (px, px + px // 4), (px, px)] * (IMAGES // 4)
+
+
 def _dataset(folder: Path, px: int, square: bool = False) -> Path:
-    """IMAGES generated images in three aspect buckets, or all square (the reference crops every image square, so
-    the rows compared with it train on squares too: the same tokens per step)."""
+    """IMAGES generated images of ``_sizes``."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import write_dataset_zip
 
-    sizes = [(px, px), (px + px // 4, px), (px, px + px // 4), (px, px)] * (IMAGES // 4)
-    if square:
-        sizes = [(px + px // 4, px + px // 4)] * IMAGES
-    return write_dataset_zip(folder / f"bench-{px}.zip", sizes)
+    return write_dataset_zip(folder / f"bench-{px}.zip", _sizes(px, square))
+
+
+def _pairs(folder: Path, px: int, square: bool = False) -> Path:
+    """IMAGES edit pairs prepared into a pair zip by ``finetune.prepare``: the targets are ``_dataset``'s pictures,
+    each reference another picture of its target's size."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import synthetic_image
+
+    from finetune import prepare
+
+    source = folder / f"pairs-{px}"
+    source.mkdir()
+    for i, (w, h) in enumerate(_sizes(px, square)):
+        synthetic_image(IMAGES + i, w, h).save(source / f"pair{i}_start.png")
+        synthetic_image(i, w, h).save(source / f"pair{i}_end.png")
+        (source / f"pair{i}.txt").write_text(f"turn picture {IMAGES + i} into picture {i}")
+    out = folder / f"pairs-{px}.zip"
+    # near_duplicate_distance=None: the generated pictures are simple enough to count as near duplicates
+    prepare([source], out, pairs="auto", min_side=px, near_duplicate_distance=None, progress=False)
+    return out
+
+
+def _pair_columns(folder: Path, px: int) -> Path:
+    """The square pair zip as a local datasets folder (one parquet file) with ``image`` (target), ``cond_image``
+    (reference) and ``caption`` columns: what the reference scripts' I2I mode loads with ``--dataset_name``."""
+    import zipfile
+
+    import datasets
+
+    columns = {"image": [], "cond_image": [], "caption": []}
+    with zipfile.ZipFile(_pairs(folder, px, square=True)) as zf:
+        for target in sorted(n for n in zf.namelist() if n.rsplit(".", 1)[0].endswith("_end")):
+            stem, suffix = target.rsplit("_end", 1)
+            columns["image"].append({"bytes": zf.read(target), "path": None})
+            columns["cond_image"].append({"bytes": zf.read(f"{stem}_start{suffix}"), "path": None})
+            columns["caption"].append(zf.read(f"{stem}.txt").decode())
+    image = datasets.Image()
+    features = datasets.Features(image=image, cond_image=image, caption=datasets.Value("string"))
+    out = folder / "pair-columns"
+    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(out / "train.parquet"))
+    return out
 
 
 def _config(dataset: Path, px: int, steps: int, out: Path):
@@ -98,13 +168,19 @@ def _config(dataset: Path, px: int, steps: int, out: Path):
 
 
 def _trainer(
-    px: int, steps: int, work: Path, compile: bool = False, lora: dict | None = None, quantize: str = "none"
+    px: int,
+    steps: int,
+    work: Path,
+    compile: bool = False,
+    lora: dict | None = None,
+    quantize: str = "none",
+    edit: bool = False,
 ) -> dict:
     from dataclasses import replace
 
     from finetune.recipes.train_local import LOG_EVERY, train
 
-    data = _dataset(work, px, square=lora is not None)
+    data = (_pairs if edit else _dataset)(work, px, square=lora is not None)
     train(_config(data, px, 2, work / "warm"))  # fills the cache: the measured run is a second run, as in practice
     cfg = _config(data, px, steps, work / "run")
     cfg = replace(
@@ -119,7 +195,8 @@ def _trainer(
 
 def _setup(px: int, fused: bool = False):
     """The family's small preset with a rank-16 LoRA (peft's layer, or the trainer's fused one), its optimizer, and
-    one bucket's inputs in the trainer's shapes, through the family interface."""
+    one bucket's inputs in the trainer's shapes, through the family interface (with ``--edit``, a reference latent
+    of the target's size)."""
     import torch
 
     from finetune import flow, lora, models
@@ -142,6 +219,8 @@ def _setup(px: int, fused: bool = False):
         txt_ids=family.text_ids(SEQ, "cpu", torch.float32),
         guidance=1.0 if c.transformer.config.guidance_embeds else None,
     )
+    if EDIT:  # drawn last, so the other inputs are the text-to-image ones
+        inputs["references"] = [family.normalize_latents(torch.randn(raw.shape, generator=g), c.vae)]
     return family, c, params, opt, latents, noise, sigmas, inputs
 
 
@@ -216,7 +295,7 @@ def _floor(px: int, steps: int) -> dict:
     with counter:
         _transformer_step(*args)
     flops = counter.get_total_flops()
-    tokens = (px // 16) ** 2 + SEQ
+    tokens = (px // 16) ** 2 * (2 if EDIT else 1) + SEQ  # an edit's reference doubles the image tokens
     widest = max(
         (m for m in args[1].transformer.modules() if isinstance(m, torch.nn.Linear)),
         key=lambda m: m.in_features * m.out_features,
@@ -232,24 +311,31 @@ def _reference(px: int, steps: int, work: Path, script: Path) -> dict:
     """diffusers' reference script on the same preset (saved as a diffusers folder) and images, with its default LoRA
     (``REFERENCE_LORA``) and ``--cache_latents``; s/step from two warm runs of different lengths, so setup cancels.
     FLUX.2 [klein]: ``--text_encoder_out_layers 9 18 27``, the layers the pipeline uses (the script's default
-    10 20 30 trains on embeddings the pipeline never produces, diffusers#13445)."""
+    10 20 30 trains on embeddings the pipeline never produces, diffusers#13445; the img2img script has no such
+    option and encodes with the pipeline's). ``--edit``: the square pairs in the script's I2I columns."""
     import zipfile
 
     from finetune import models
 
     preset = PRESETS[FAMILY]
     family = models.family_for(f"preset:{preset}")
-    model, images = family.save_preset(preset, work / f"preset-{preset}"), work / "images"
-    images.mkdir()
-    with zipfile.ZipFile(_dataset(work, px, square=True)) as zf:
-        for name in zf.namelist():
-            if name.endswith(".png"):
-                (images / name).write_bytes(zf.read(name))
-    args = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images)]
-    args += ["--instance_prompt", "a photo of TOK", "--resolution", str(px), "--train_batch_size", "1"]
+    model = family.save_preset(preset, work / f"preset-{preset}")
+    args = ["--pretrained_model_name_or_path", str(model)]
+    if EDIT:
+        args += ["--dataset_name", str(_pair_columns(work, px)), "--image_column", "image"]
+        args += ["--cond_image_column", "cond_image", "--caption_column", "caption"]
+    else:
+        images = work / "images"
+        images.mkdir()
+        with zipfile.ZipFile(_dataset(work, px, square=True)) as zf:
+            for name in zf.namelist():
+                if name.endswith(".png"):
+                    (images / name).write_bytes(zf.read(name))
+        args += ["--instance_data_dir", str(images), "--instance_prompt", "a photo of TOK"]
+        args += ["--text_encoder_out_layers", "9", "18", "27"] if FAMILY == "flux2" else []
+    args += ["--resolution", str(px), "--train_batch_size", "1"]
     args += ["--max_sequence_length", str(SEQ), "--cache_latents", "--mixed_precision", "no", "--seed", "0"]
     args += ["--learning_rate", "1e-4", "--checkpointing_steps", "1000000", "--dataloader_num_workers", "0"]
-    args += ["--text_encoder_out_layers", "9", "18", "27"] if FAMILY == "flux2" else []
     seconds = {}
     for n in (2, 10, 10 + steps):  # the first run only warms the file and import caches, so both timed runs are warm
         cmd = [sys.executable, str(script), *args, "--max_train_steps", str(n), "--output_dir", str(work / f"out{n}")]
@@ -273,12 +359,13 @@ def _child(kind: str, px: int, steps: int, threads: int, reference: Path | None 
         os.chdir(tmp)
         work = Path(tmp)
         result = {
-            "trainer": lambda: _trainer(px, steps, work),
-            "compiled": lambda: _trainer(px, steps, work, compile=True),
-            "int8": lambda: _trainer(px, steps, work, quantize="int8"),
-            "int8-compiled": lambda: _trainer(px, steps, work, compile=True, quantize="int8"),
-            "ref-lora": lambda: _trainer(px, steps, work, lora=REFERENCE_LORA[FAMILY]),
-            "ref-compiled": lambda: _trainer(px, steps, work, compile=True, lora=REFERENCE_LORA[FAMILY]),
+            "trainer": lambda: _trainer(px, steps, work, edit=EDIT),
+            "t2i": lambda: _trainer(px, steps, work),
+            "compiled": lambda: _trainer(px, steps, work, compile=True, edit=EDIT),
+            "int8": lambda: _trainer(px, steps, work, quantize="int8", edit=EDIT),
+            "int8-compiled": lambda: _trainer(px, steps, work, compile=True, quantize="int8", edit=EDIT),
+            "ref-lora": lambda: _trainer(px, steps, work, lora=REFERENCE_LORA[FAMILY], edit=EDIT),
+            "ref-compiled": lambda: _trainer(px, steps, work, compile=True, lora=REFERENCE_LORA[FAMILY], edit=EDIT),
             "naive": lambda: _naive(px, steps, work),
             "eager": lambda: _eager(px, steps),
             "floor": lambda: _floor(px, steps),
@@ -289,11 +376,13 @@ def _child(kind: str, px: int, steps: int, threads: int, reference: Path | None 
 
 
 KINDS = ("trainer", "compiled", "naive", "eager", "floor", "ref-lora", "ref-compiled")
+EDIT_KINDS = ("trainer", "t2i", "eager", "floor", "ref-lora")
 
 
 def _run_child(kind: str, px: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, __file__, "--child", kind, str(px), "--steps", str(args.steps), "--family", args.family]
+    cmd += ["--edit"] if args.edit else []
     cmd += ["--reference", str(args.reference)] if args.reference else []
     out = subprocess.run(cmd + ["--threads", str(args.threads)], capture_output=True, text=True, env=env)
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -310,26 +399,37 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     parser.add_argument(
-        "--family", choices=tuple(PRESETS), default="flux1", help="flux1: preset:small; flux2: preset:flux2-small"
+        "--family",
+        choices=tuple(PRESETS),
+        default="flux1",
+        help="flux1: preset:small; flux2: preset:flux2-small; kontext: preset:kontext-small",
+    )
+    parser.add_argument(
+        "--edit", action="store_true", help="edit pairs (--family kontext or flux2), rows " + " ".join(EDIT_KINDS)
     )
     parser.add_argument(
         "--reference",
         type=Path,
         help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py (--family flux2: "
-        "train_dreambooth_lora_flux2_klein.py), from the release installed (needs torchvision): measured side by "
-        "side as the row 'reference'",
+        "train_dreambooth_lora_flux2_klein.py; --edit: train_dreambooth_lora_flux_kontext.py or "
+        "train_dreambooth_lora_flux2_klein_img2img.py), from the release installed (needs torchvision): measured "
+        "side by side as the row 'reference'",
     )
     parser.add_argument(
         "--kinds",
         nargs="*",
-        choices=KINDS + ("int8", "int8-compiled"),
-        default=list(KINDS),
-        help="rows to measure (all but the int8 ones)",
+        choices=KINDS + ("t2i", "int8", "int8-compiled"),
+        help="rows to measure (default: all but t2i and the int8 ones; --edit: " + " ".join(EDIT_KINDS) + ")",
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global FAMILY
-    FAMILY = args.family
+    if args.edit and args.family == "flux1":
+        parser.error("--edit trains on pairs: use --family kontext or flux2")
+    if args.edit and "naive" in (args.kinds or ()):
+        parser.error("--edit has no naive row: it would encode the target but not its reference")
+    args.kinds = args.kinds or list(EDIT_KINDS if args.edit else KINDS)
+    global FAMILY, EDIT
+    FAMILY, EDIT = args.family, args.edit
     if args.child:
         _child(args.child[0], int(args.child[1]), args.steps, args.threads, args.reference)
         return
@@ -351,8 +451,8 @@ def main() -> None:
         }
         figures[px] = row
         print(
-            f"\npreset:{PRESETS[FAMILY]} {px} px, batch 1, rank {RANK}, {SEQ} text tokens, {args.threads} threads, "
-            f"median of {args.rounds} rounds"
+            f"\npreset:{PRESETS[FAMILY]} {px} px{', edit pairs' if EDIT else ''}, batch 1, rank {RANK}, {SEQ} text "
+            f"tokens, {args.threads} threads, median of {args.rounds} rounds"
         )
         print(f"  {'':13} {'s/step':>8} {'rounds':>26} {'peak RSS MB':>12}")
         for kind in kinds:
@@ -363,7 +463,7 @@ def main() -> None:
                 print(f"  {kind} warm-up {row[kind]['warmup_s']:.0f} s")
         ratios = [(x, "eager") for x in ("trainer", "compiled", "ref-lora", "ref-compiled", "reference")]
         ratios += [("int8", "trainer"), ("int8-compiled", "compiled"), ("int8-compiled", "int8")]
-        ratios += [(x, "floor") for x in ("trainer", "compiled")] + [("naive", "trainer")]
+        ratios += [(x, "floor") for x in ("trainer", "compiled")] + [("naive", "trainer"), ("trainer", "t2i")]
         ratios += [(x, "reference") for x in ("trainer", "compiled", "ref-lora", "ref-compiled")]
         for a, b in ratios:
             if a not in row or b not in row:
