@@ -64,8 +64,28 @@ def _block_groups(modules: list[str], family: str) -> dict[str, tuple[str, ...]]
     return dict(found[k] for k in sorted(found))
 
 
+_FLUX3_BLOCKS = (
+    "mode_blocks.",
+    "txt_mode_blocks.",
+)  # FLUX 3's per-mode blocks (its single blocks share FLUX.1's name)
+
+
+def _no_mapping(family: str) -> None:
+    """FLUX 3 has no BFL module map (its ``BFL_BLOCKS`` is empty): no kohya or ComfyUI form to write."""
+    if not _bfl_blocks(family):
+        raise FinetuneError(
+            f"LoRA export: {models.family_module(family).LABEL} LoRAs have no documented ComfyUI or kohya key mapping "
+            "(diffusers' Flux3LoraLoaderMixin reads the diffusers file; ComfyUI's FLUX 3 LoRA keys are not "
+            "documented), so there is no such form to write; use --format diffusers (the stored file), which "
+            "Flux3ModularPipeline.load_lora_weights loads",
+            EXIT_USAGE,
+        )
+
+
 def lora_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """``flux1`` or ``flux2``: the block layout that can place more of the LoRA's modules (Kontext's is ``flux1``).
+    """``flux1``, ``flux2`` or ``flux3``: the block layout that can place more of the LoRA's modules (Kontext's is
+    ``flux1``); FLUX 3 by its per-mode block names or its ``finetune.base_model``, before any placing (its joint
+    single blocks carry FLUX.1's ``single_transformer_blocks.*.attn.to_q`` names).
 
     The names decide almost always: FLUX.2 has ``ff.linear_in`` and ``attn.to_qkv_mlp_proj``, FLUX.1 ``ff.net.*``,
     ``proj_mlp`` and the per-block ``norm*.linear``. Only a LoRA on the double blocks' attention alone fits both; then
@@ -73,13 +93,20 @@ def lora_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | 
     of those modules is also what FLUX.2's loaders read.
     """
     modules = list(modules_of(state_dict, "LoRA file"))
+    base_model = (metadata or {}).get("finetune.base_model")
+    if any(m.startswith(_FLUX3_BLOCKS) for m in modules):
+        return "flux3"
+    try:
+        if base_model and models.family_name(base_model) == "flux3":
+            return "flux3"
+    except FinetuneError:
+        pass
     placed = {
         family: len({p for parts in _block_groups(modules, family).values() for p in parts} & set(modules))
-        for family in dict.fromkeys(_layout(f) for f in models.FAMILIES)
+        for family in dict.fromkeys(_layout(f) for f in models.FAMILIES if models.family_module(f).BFL_BLOCKS)
     }
     if placed["flux1"] != placed["flux2"]:
         return max(placed, key=placed.__getitem__)
-    base_model = (metadata or {}).get("finetune.base_model")
     if not base_model:
         return "flux1"
     try:
@@ -155,6 +182,7 @@ def export_kohya(
     """
     import torch
 
+    _no_mapping(family)
     scale = float(alpha) / float(rank)
     out: dict[str, torch.Tensor] = {}
     for bfl, down, up in _fused_blocks(state_dict, rank=rank, family=_layout(family), what="kohya export"):
@@ -177,6 +205,7 @@ def export_comfyui(
     each of q, k, v and splits B into three row chunks, which with the stacked A and block-diagonal B gives back each
     ``B_j A_j`` exactly (at rank 3r).
     """
+    _no_mapping(family)
     family = _layout(family)
     if family == "flux1":
         return export_kohya(state_dict, rank=rank, alpha=alpha, family=family)
@@ -250,18 +279,25 @@ def stream_export(source: str | Path, out: str | Path, *, form: str) -> tuple[Pa
     bfl_of = {("lora_unet_" + bfl.replace(".", "_") if _is_kohya(form, family) else f"diffusion_model.{bfl}"): bfl
               for bfl in groups}  # fmt: skip
 
+    last: dict[str, dict[str, torch.Tensor]] = {}  # the last BFL module's export: its down and up are written in turn
+
     def compute(key: str) -> torch.Tensor:
-        base = key.rsplit(".", 2)[0] if key.endswith(".weight") else key.removesuffix(".alpha")
-        parts = groups[bfl_of[base]]
-        sub = {
-            k: st.get(k)
-            for p in parts
-            for k in (f"transformer.{p}.lora_A.weight", f"transformer.{p}.lora_B.weight")
-            if k in shapes
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return convert(sub, rank=rank, alpha=alpha, family=family)[key]
+        if key.endswith(".alpha"):  # a scalar of the rows, already real in the shapes-only export
+            return planned[key]
+        base = key.rsplit(".", 2)[0]
+        if base not in last:
+            parts = groups[bfl_of[base]]
+            sub = {
+                k: st.get(k)
+                for p in parts
+                for k in (f"transformer.{p}.lora_A.weight", f"transformer.{p}.lora_B.weight")
+                if k in shapes
+            }
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                last.clear()
+                last[base] = convert(sub, rank=rank, alpha=alpha, family=family)
+        return last[base][key]
 
     tensors = {k: (_dtype_name(v.dtype), tuple(v.shape), functools.partial(compute, k)) for k, v in planned.items()}
     kept = {k: v for k, v in st.metadata.items() if k.startswith("finetune.")}

@@ -235,8 +235,8 @@ def test_modules_without_a_bfl_place_are_warned_by_name():
         pytest.warns(UserWarning, match="norm"),
     ):
         LE.export_comfyui(only_norm_out, rank=2, alpha=2.0, family="flux2")
-    with pytest.raises(FinetuneError, match="unknown model family 'flux3'"):
-        LE.export_kohya(sd, rank=2, alpha=2.0, family="flux3")
+    with pytest.raises(FinetuneError, match="unknown model family 'flux9'"):
+        LE.export_kohya(sd, rank=2, alpha=2.0, family="flux9")
 
 
 # ----------------------------------------------------------------------------------------------- diffusers pipeline

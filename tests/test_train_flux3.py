@@ -166,3 +166,18 @@ def test_edit_pairs_are_refused_for_flux3(work, tmp_path):
         zf.writestr("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(FinetuneError, match="FLUX 3 Image Klein, which trains no edits"):
         train(config(pairs))
+
+
+def test_export_refuses_flux3_loras_for_lack_of_a_documented_comfyui_mapping(work, dataset_zip, tmp_path):
+    from finetune.lora_export import lora_family, stream_export
+
+    version = train(config(dataset_zip, steps=1))
+    tensors, meta = load_lora_file(version.lora_path)
+    assert lora_family(tensors, meta) == "flux3"  # by its base model: its single blocks carry FLUX.1's names
+    key = "transformer.txt_mode_blocks.0.attn.to_q"
+    named = {f"{key}.lora_A.weight": torch.zeros(4, 8), f"{key}.lora_B.weight": torch.zeros(8, 4)}
+    assert lora_family(named, {}) == "flux3"  # by its per-mode block names
+    for form in ("comfyui", "kohya"):
+        with pytest.raises(FinetuneError, match="no documented ComfyUI or kohya key mapping.*--format diffusers"):
+            stream_export(version.lora_path, tmp_path / f"{form}.safetensors", form=form)
+        assert not (tmp_path / f"{form}.safetensors").exists()
