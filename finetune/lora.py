@@ -56,7 +56,9 @@ __all__ = [
 ]
 
 ADAPTER_NAME = "default"
-BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+# FLUX.1/FLUX.2 double and single blocks; FLUX 3's per-mode blocks of the text and the noisy image, and its joint
+# single blocks (its reference blocks, mode_blocks.image_cond, only run for edits, which FLUX 3 does not train yet)
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.", "txt_mode_blocks.", "mode_blocks.image.")
 TARGET_PRESETS: dict[str, str] = {
     "all-linear": "every nn.Linear inside transformer_blocks and single_transformer_blocks (attention q/k/v/out, "
     "add_*_proj, to_add_out, ff/ff_context, proj_mlp, proj_out, norm*.linear); embedders and final layer excluded",

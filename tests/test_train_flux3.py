@@ -78,6 +78,11 @@ def test_the_lora_loads_in_the_modular_pipeline_and_the_cache_equals_its_encoder
     version = train(config(dataset_zip, lora={"rank": 4, "alpha": 12, "save_dtype": "float32"}, steps=3))
     tensors, meta = load_lora_file(version.lora_path)
     assert '"transformer.lora_alpha": 12.0' in meta["lora_adapter_metadata"]
+    modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors}
+    # all-linear: the text and image per-mode blocks and the joint blocks; not the reference blocks (no edits yet)
+    assert {m.split(".")[0] for m in modules} == {"txt_mode_blocks", "mode_blocks", "single_transformer_blocks"}
+    assert not any(m.startswith("mode_blocks.image_cond.") for m in modules)
+    assert "single_transformer_blocks.0.ff.linear_in" in modules and "txt_mode_blocks.0.attn.to_out.0" in modules
 
     parts = flux3.build_preset("flux3-tiny")
     pipe = flux3.pipeline_from_components(parts)
