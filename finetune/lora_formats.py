@@ -143,27 +143,27 @@ COMPATIBILITY: dict[tuple[str, str], dict[str, tuple[str, str]]] = {
                       "FluxKontextPipeline)"),
         "ComfyUI": ("yes (.alpha keys when alpha ≠ rank)", "doc: comfyui-lora-keys.md §3"),
         "ai-toolkit": ("yes (diffusers names)", "doc: flux-family-2026.md §5.1"),
-        "Replicate": ("yes (lora_weights of black-forest-labs/flux-dev-lora)", "doc: replicate-api.md"),
+        "Replicate": ("yes (lora_weights of black-forest-labs/flux-dev-lora)", "doc: replicate-api.md §9.4"),
     },
     ("flux1", "kohya"): {
         "diffusers": ("yes", "test: tests/test_lora_import.py::test_pipeline_loads_every_key (double blocks at tiny "
                       "dims); tests/test_lora.py (every block at FLUX.1-dev dims, through diffusers' converter)"),
         "ComfyUI": ("yes (--format comfyui writes this file)", "doc: comfyui-lora-keys.md §4"),
         "ai-toolkit": ("unverified", "no source"),
-        "Replicate": ("yes (kohya keys go through diffusers' converter)", "doc: comfyui-lora-keys.md §7"),
+        "Replicate": ("unverified", "no source"),
     },
     ("flux2", "diffusers"): {
         "diffusers": ("yes", "test: tests/test_lora_import.py::test_pipeline_loads_every_key (Flux2KleinPipeline, "
                       "Flux2Pipeline)"),
         "ComfyUI": ("v0.10.0 and later; blocks only", "doc: flux-family-2026.md §8"),
         "ai-toolkit": ("yes (diffusers names)", "doc: flux-family-2026.md §5.1"),
-        "BFL endpoints": ("unverified", "no source"),
+        "BFL endpoints": ("yes ('trained with AI-Toolkit, Diffusers')", "doc: flux-family-2026.md §3"),
     },
     ("flux2", "comfyui"): {
         "diffusers": ("yes", "test: tests/test_lora_export.py (Flux2KleinPipeline, every key consumed)"),
         "ComfyUI": ("yes, every FLUX.2-capable version (--format comfyui)", "doc: flux-family-2026.md §8"),
         "ai-toolkit": ("yes (its own format)", "doc: flux-family-2026.md §5.1"),
-        "BFL endpoints": ("unverified", "no source"),
+        "BFL endpoints": ("yes (the ai-toolkit form)", "doc: flux-family-2026.md §3"),
     },
     ("flux2", "kohya"): {
         "diffusers": ("yes", "test: tests/test_lora_import.py::test_pipeline_loads_every_key, test_lora_export.py"),
