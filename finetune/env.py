@@ -44,6 +44,7 @@ BASE_MODELS = (
     ("black-forest-labs/FLUX.2-klein-base-4B", "FLUX.2 [klein] 4B"),
     ("black-forest-labs/FLUX.2-klein-base-9B", "FLUX.2 [klein] 9B"),
     ("black-forest-labs/FLUX.2-dev", "FLUX.2 [dev]"),
+    ("black-forest-labs/flux-3-image-klein-base", "FLUX 3 Image Klein"),
 )
 # what Replicate's trainers train (recipes/train_remote.py): ostris/flux-dev-lora-trainer, fast-flux-kontext-trainer
 REMOTE_BASES = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-Kontext-dev")

@@ -141,7 +141,9 @@ def modular_index(base_model: str) -> dict | None:
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(base_model, "modular_model_index.json", local_files_only=True)
+        path = hf_hub_download(
+            base_model, "modular_model_index.json", cache_dir=common._hub_cache(), local_files_only=True
+        )
     except Exception:  # not cached: the loaders report what is missing
         return None
     return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -206,12 +208,20 @@ def check_config(cfg: Config) -> None:
 
 
 def _check_caption_lengths(cfg: Config, limit: int) -> None:
-    """Every caption, the empty one and the sample prompts fit the cache's window (only the tokenizer loads)."""
-    from finetune.dataset import read_dataset
+    """Every caption the run caches fits the cache's window: the dataset's, the validation and regularisation
+    images', their class-word versions (``train.preservation``) and the sample prompts (only the tokenizer loads)."""
+    from finetune.dataset import read_dataset, read_datasets
 
-    dataset = read_dataset(cfg.dataset, cfg.trigger_word)
+    items = list(read_datasets(cfg.dataset, cfg.trigger_word).items)
+    if cfg.train.validation.dataset:
+        items += read_dataset(cfg.train.validation.dataset, cfg.trigger_word).items
+    captions = {item.caption for item in items}
+    class_word = cfg.train.preservation.class_word.strip()
+    captions |= {c.replace(cfg.trigger_word, class_word) for c in captions} if class_word else set()
+    if cfg.train.regularization.dataset:
+        captions |= {item.caption for item in read_dataset(cfg.train.regularization.dataset, "").items}
     prompts = [p.replace("[trigger]", cfg.trigger_word) for p in cfg.sample.prompts]
-    texts = sorted({item.caption for item in dataset.items} | set(prompts))
+    texts = sorted(captions | set(prompts))
     tokenizer = load_components(cfg.base_model, parts=("tokenizer",)).tokenizer
     for text in texts:
         tokens, window = prompt_window(tokenizer, text)

@@ -9,15 +9,18 @@ is handed that tokenizer with a ``.tokenizer`` attribute, which is all ``_get_qw
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from finetune.config import parse_config
+from finetune import models
+from finetune.config import load_config, parse_config
 from finetune.errors import FinetuneError
 from finetune.models import flux3
 
+ROOT = Path(__file__).parent.parent.parent
 TINY = "flux3-tiny"
 PROMPTS = ["a photo of TOK on a beach", "", "an oil painting of a cat " * 20]  # windows 80, 80, 160
 
@@ -191,3 +194,11 @@ def test_keys_that_do_not_apply_are_refused_before_any_model_loads():
         flux3.check_config(_config("preset:flux3-tiny", train={"max_sequence_length": 500}))
     with pytest.raises(FinetuneError, match="is not FLUX 3"):
         flux3.check_config(_config("preset:flux3-tiny", sample={"preview_model": "preset:flux2-tiny"}))
+
+
+def test_the_shipped_config_trains_the_base_checkpoint_within_the_window():
+    cfg = load_config(ROOT / "configs" / "flux3-klein-lora.yaml")
+    assert models.family_name(cfg.base_model) == "flux3" and not flux3.is_distilled(cfg.base_model)
+    assert cfg.train.max_sequence_length == flux3.MAX_SEQUENCE_LENGTH and cfg.train.sigma_sampling == "shift=6.93"
+    assert "train.guidance" not in cfg.explicit and cfg.sample.guidance == flux3.GUIDANCE
+    assert flux3.transformer_gib(cfg.base_model) == 10.3
