@@ -3,11 +3,12 @@
     python scripts/bench_train.py                    # 256 and 512 px, 2 threads, 3 rounds
     python scripts/bench_train.py --px 256 --steps 40 --rounds 1
     python scripts/bench_train.py --family flux2     # the same on preset:flux2-small (FLUX.2 [klein]-shaped)
+    python scripts/bench_train.py --family flux3 --kinds trainer eager floor   # preset:flux3-small (FLUX 3 Klein)
     python scripts/bench_train.py --family kontext --edit --reference train_dreambooth_lora_flux_kontext.py
     python scripts/bench_train.py --family flux2 --edit --reference train_dreambooth_lora_flux2_klein_img2img.py
 
 For each resolution, in fresh subprocesses (so peak RSS is per measurement), with 8 generated images (three aspect
-buckets), batch 1, LoRA rank 16 on every block Linear, text max_sequence_length 64:
+buckets), batch 1, LoRA rank 16 on every block Linear, text max_sequence_length 64 (FLUX 3: 80, its window):
 
 - ``trainer``: ``finetune.train`` itself with the default config (cache warm, no samples); median s/step of its
   logged intervals after the first (warm-up);
@@ -62,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64
 RANK = 16
 IMAGES = 8
-PRESETS = {"flux1": "small", "flux2": "flux2-small", "kontext": "kontext-small"}
+PRESETS = {"flux1": "small", "flux2": "flux2-small", "kontext": "kontext-small", "flux3": "flux3-small"}
 FAMILY = "flux1"  # set by --family
 EDIT = False  # set by --edit: train on edit pairs, every step with the target's reference
 _ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
@@ -217,7 +218,7 @@ def _setup(px: int, fused: bool = False):
         text=text,
         img_ids=family.image_ids(latents.shape, "cpu", torch.float32),
         txt_ids=family.text_ids(SEQ, "cpu", torch.float32),
-        guidance=1.0 if c.transformer.config.guidance_embeds else None,
+        guidance=1.0 if c.transformer.config.get("guidance_embeds") else None,
     )
     if EDIT:  # drawn last, so the other inputs are the text-to-image ones
         inputs["references"] = [family.normalize_latents(torch.randn(raw.shape, generator=g), c.vae)]
@@ -402,7 +403,8 @@ def main() -> None:
         "--family",
         choices=tuple(PRESETS),
         default="flux1",
-        help="flux1: preset:small; flux2: preset:flux2-small; kontext: preset:kontext-small",
+        help="flux1: preset:small; flux2: preset:flux2-small; kontext: preset:kontext-small; flux3: "
+        "preset:flux3-small (no reference or ref-lora row: there is no FLUX 3 trainer to compare with)",
     )
     parser.add_argument(
         "--edit", action="store_true", help="edit pairs (--family kontext or flux2), rows " + " ".join(EDIT_KINDS)
@@ -428,8 +430,9 @@ def main() -> None:
     if args.edit and "naive" in (args.kinds or ()):
         parser.error("--edit has no naive row: it would encode the target but not its reference")
     args.kinds = args.kinds or list(EDIT_KINDS if args.edit else KINDS)
-    global FAMILY, EDIT
+    global FAMILY, EDIT, SEQ
     FAMILY, EDIT = args.family, args.edit
+    SEQ = 80 if FAMILY == "flux3" else SEQ  # FLUX 3 pads each prompt to a multiple of 80 tokens
     if args.child:
         _child(args.child[0], int(args.child[1]), args.steps, args.threads, args.reference)
         return
