@@ -213,7 +213,10 @@ def _setup(px: int, fused: bool = False):
     latents = family.normalize_latents(raw, c.vae)
     noise = torch.randn(latents.shape, generator=g)
     sigmas = flow.sample_sigmas("flux_shift", 1, family.image_seq_len(latents.shape), g)
-    text = {k: torch.randn(v.shape, generator=g) for k, v in family.encode_prompts(c, ["TOK"], SEQ).items()}
+    text = {  # random embeddings; FLUX 3's text_mask (its window) stays as encoded
+        k: v if k == "text_mask" else torch.randn(v.shape, generator=g)
+        for k, v in family.encode_prompts(c, ["TOK"], SEQ).items()
+    }
     inputs = dict(
         text=text,
         img_ids=family.image_ids(latents.shape, "cpu", torch.float32),
