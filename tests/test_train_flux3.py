@@ -153,7 +153,9 @@ def test_a_caption_longer_than_the_window_stops_before_any_model_loads(work, tmp
     assert info.value.exit_code == 2 and not (work / "runs").exists()
 
 
-def test_edit_pairs_are_refused_for_flux3(work, tmp_path):
+def test_edit_pairs_train_through_the_native_reference_mode_and_sample_their_inputs(work, tmp_path):
+    """A pair zip on FLUX 3: each reference goes in as image_cond tokens; samples render the first two pairs'
+    inputs through the pipeline's image-conditioned workflow (input, then outputs, per row)."""
     import io
     import zipfile
 
@@ -161,16 +163,19 @@ def test_edit_pairs_are_refused_for_flux3(work, tmp_path):
 
     pairs = tmp_path / "pairs.zip"
     with zipfile.ZipFile(pairs, "w") as zf:
-        for stem in ("a", "b"):
-            for part, index in (("start", 0), ("end", 1)):
+        for n, stem in enumerate(("a", "b", "c")):
+            for part, index in (("start", 2 * n), ("end", 2 * n + 1)):
                 buf = io.BytesIO()
-                synthetic_image(index, 32, 32).save(buf, format="PNG")
+                synthetic_image(index, 48, 32).save(buf, format="PNG")
                 zf.writestr(f"{stem}_{part}.png", buf.getvalue())
             zf.writestr(f"{stem}.txt", "make it TOK")
-        rows = [{"file_name": f"{s}_end.png", "text": "make it TOK"} for s in ("a", "b")]
+        rows = [{"file_name": f"{s}_end.png", "text": "make it TOK"} for s in ("a", "b", "c")]
         zf.writestr("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(FinetuneError, match="FLUX 3 Image Klein, which trains no edits"):
-        train(config(pairs))
+    version = train(config(pairs, steps=2, sample={"every": 2, "seeds": [0], "size": 32}))
+    assert version.lineage["family"] == "flux3"
+    folder = Path(version.lineage["run_dir"]) / "samples" / "step-000002"
+    names = sorted(p.name for p in folder.glob("*.png"))
+    assert names == ["grid.png", "prompt0-input.png", "prompt0-seed0.png", "prompt1-input.png", "prompt1-seed0.png"]
 
 
 def test_export_refuses_flux3_loras_for_lack_of_a_documented_comfyui_mapping(work, dataset_zip, tmp_path):

@@ -26,13 +26,18 @@ holds each piece equal to diffusers 0.42.1, ``modular_pipelines/flux3``):
   a LoRA learns the captions as written. Samples (during training and in ``finetune eval``) encode the prompt as
   given too, so they show what the LoRA learned from those words; upsample a prompt yourself to sample like the
   pipeline's default.
-- Edit pairs (``image_cond`` reference tokens) are not trained yet: ``MAX_REFERENCES = 0``.
+- Edit pairs use FLUX 3's native reference mode: each reference's normalized latent is packed into the
+  ``image_cond`` tokens (their own embedder and per-mode blocks, at timestep 0), reference i at position
+  (0, h/2, w/2, -(i + 1)) (``Flux3PrepareImageCondLatentsStep``); only the noisy image's tokens come out. Training
+  resizes each reference to its target's bucket (a multiple of 16 under 1 MP), which the pipeline's reference
+  preprocessing (one kept whole and padded to the 16-px grid, several cropped to it under 1 MP) leaves as it is.
 
 The presets (``preset:flux3-tiny``, ``flux3-small``) are built in process with random weights; see flux3_presets.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -89,7 +94,7 @@ PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TEXT_PARTS = ("text_encoder",)
 TEXT_KEYS = ("prompt_embeds", "text_mask")
 LORA_ALPHA_KEYS = False  # as FLUX.2: the adapter metadata carries alpha; Flux3LoraLoaderMixin reads it
-MAX_REFERENCES = 0  # image_cond references for edit pairs: not yet (see the module docstring)
+MAX_REFERENCES = 10  # image_cond references per edit pair (the pipeline's prompt upsampler takes at most 10)
 TRUE_CFG = True  # the base checkpoint samples with real CFG against the empty prompt
 # No BFL module map: no documented ComfyUI (or kohya) key mapping for FLUX 3 LoRAs exists (reference/
 # flux-family-2026.md §5.3), so lora_export refuses FLUX 3 and the diffusers file is the only form.
@@ -458,6 +463,10 @@ def text_ids(seq_len: int, device: Any, dtype: torch.dtype | None = None) -> tor
     return ids.to(device)
 
 
+def _rows(tensor: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
+    return tensor if index is None or tensor is None else tensor.index_select(0, index)
+
+
 def predict(
     model: Any,
     noisy: torch.Tensor,
@@ -473,27 +482,31 @@ def predict(
     with text ids over the window (``txt_ids`` is not used); samples of one window share a call, so a batch of
     captions with different windows costs one call per window.
 
-    Raises:
-        ValueError: references (FLUX 3 edit pairs are not trained yet).
-    """
-    if references:
-        raise ValueError(f"{LABEL} trains no edit pairs yet (MAX_REFERENCES = 0)")
+    ``references`` (edit pairs): normalized reference latents [B, 128, h_i, w_i], one tensor per reference index,
+    packed one after another into the ``image_cond`` tokens with ``reference_ids``; the model returns the noisy
+    image's tokens only."""
     hidden = pack_latents(noisy)
+    cond = cond_ids = None
+    if references:
+        cond = torch.cat([pack_latents(r.to(hidden.dtype)) for r in references], dim=1)
+        cond_ids = torch.cat([reference_ids(r.shape, i, hidden.device) for i, r in enumerate(references)])
     embeds = text["prompt_embeds"]
     windows = text["text_mask"].sum(dim=1).round().long().tolist()
     timestep = sigmas.to(noisy.dtype)
     outs, order = [], []
     for window in sorted(set(windows)):
         rows = [i for i, w in enumerate(windows) if w == window]
-        index = torch.tensor(rows, device=hidden.device)
-        whole = len(rows) == len(windows)
+        index = None if len(rows) == len(windows) else torch.tensor(rows, device=hidden.device)
+        pick = functools.partial(_rows, index=index)
         outs.append(
             model(
-                hidden_states=hidden if whole else hidden.index_select(0, index),
-                encoder_hidden_states=(embeds if whole else embeds.index_select(0, index))[:, :window],
-                timestep=timestep if whole else timestep.index_select(0, index),
+                hidden_states=pick(hidden),
+                encoder_hidden_states=pick(embeds)[:, :window],
+                timestep=pick(timestep),
                 img_ids=img_ids,
                 txt_ids=text_ids(window, hidden.device),
+                image_cond_hidden_states=pick(cond),
+                image_cond_ids=cond_ids,
                 return_dict=False,
             )[0]
         )
@@ -553,9 +566,8 @@ def sample_images(
     ``prompts`` and of ``""``) skip the text encoder; each prompt goes in its own window. The base checkpoint applies
     real CFG against ``negative_text`` when ``guidance`` > 1; the distilled one takes no guidance. Start noise comes
     from a CPU generator per image (a seed gives the same image in any batch); ``batch_size`` images of one prompt
-    share a call (default: all its seeds)."""
-    if inputs:
-        raise FinetuneError(f"{LABEL} takes no input images yet (edit pairs are not supported)", EXIT_USAGE)
+    share a call (default: all its seeds). ``inputs[i]``: prompt i's reference images (edits), fitted to the edit
+    size (``common.fit_inputs``) and passed as the pipeline's ``image``; the output takes their size."""
     height, width = (size, size) if isinstance(size, int) else size
     if height % 16 or width % 16 or height <= 0 or width <= 0:
         raise FinetuneError(f"sample size {height}x{width} must be positive multiples of 16 (VAE ×8, 2×2 packing)")
@@ -585,12 +597,15 @@ def sample_images(
         embeds = {"prompt_embeds": window(text, i)}
         if cfg:
             embeds["negative_prompt_embeds"] = window(negative_text, 0)
+        edit: dict[str, Any] = {"height": height, "width": width}
+        if inputs:
+            refs = common.fit_inputs(inputs[i], math.isqrt(height * width))
+            edit = {"image": refs[0] if len(refs) == 1 else refs, "height": refs[0].height, "width": refs[0].width}
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start : start + batch_size]
             images += pipe(
                 **embeds,
-                height=height,
-                width=width,
+                **edit,
                 num_inference_steps=steps,
                 num_images_per_prompt=len(chunk),
                 generator=[torch.Generator("cpu").manual_seed(int(s)) for s in chunk],

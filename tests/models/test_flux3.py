@@ -173,6 +173,42 @@ def test_one_transformer_call_equals_the_pipeline(folder, pipe):
     torch.testing.assert_close(ids, cond["img_ids"], rtol=0, atol=0)
 
 
+def test_one_image_conditioned_call_equals_the_pipeline(folder, pipe):
+    """An edit with two references: the pipeline's first call (``image=[a, b]``) against ``predict`` with the
+    references encoded as training encodes them (the latent mean, normalized): the same image_cond tokens, ids at
+    l = -1, -2, and the same velocities."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(1)
+    images = [Image.fromarray((torch.rand(64, 48, 3, generator=g) * 255).byte().numpy()) for _ in range(2)]
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
+    )
+    pipe.tokenizer.tokenizer = pipe.tokenizer
+    try:
+        pipe(prompt=PROMPTS[0], image=images, num_inference_steps=2, output="latents")
+    finally:
+        hook.remove()
+        del pipe.tokenizer.tokenizer
+    kwargs, reference = calls[0]
+    c = flux3.load_components(str(folder), parts=("text_encoder", "vae"))
+    pixels = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1 for im in images]
+    refs = [flux3.normalize_latents(flux3.encode_images(c.vae, px)[0], c.vae) for px in pixels]
+    torch.testing.assert_close(
+        torch.cat([flux3.pack_latents(r) for r in refs], 1), kwargs["image_cond_hidden_states"], rtol=0, atol=1e-5
+    )
+    ids = torch.cat([flux3.reference_ids(r.shape, i, "cpu") for i, r in enumerate(refs)])
+    torch.testing.assert_close(ids, kwargs["image_cond_ids"], rtol=0, atol=0)
+    assert set(ids[:, 3].tolist()) == {-1.0, -2.0}
+    b, tokens, channels = kwargs["hidden_states"].shape
+    noisy = kwargs["hidden_states"].transpose(1, 2).reshape(b, channels, 4, 3)
+    text = flux3.encode_prompts(c, PROMPTS[:1], 480)
+    ours = flux3.predict(pipe.transformer, noisy, kwargs["timestep"], text, kwargs["img_ids"], None, None, refs)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
 def _config(base: str, dataset: str = "/nonexistent.zip", **extra) -> object:
     return parse_config({"base_model": base, "output": "me/tok", "dataset": dataset, **extra})
 
