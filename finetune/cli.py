@@ -96,6 +96,14 @@ def prepare(
     caption_column: Annotated[
         str | None, typer.Option("--caption-column", help="Pairs dataset: the instruction column (default text).")
     ] = None,
+    masks: Annotated[
+        str | None,
+        typer.Option(
+            "--masks",
+            help="Folder or zip of grayscale loss masks named like the images (white = learn); stored as "
+            "<stem>_mask.png. Images without one train whole.",
+        ),
+    ] = None,
 ) -> None:
     """Turn photos (or edit pairs) into a clean, captioned, deterministic dataset zip (plus OUT.report.json)."""
     from finetune.recipes.prepare import DEFAULT_NEAR_DUPLICATE_DISTANCE, format_summary
@@ -120,6 +128,7 @@ def prepare(
         image_column=image_column,
         control_columns=control_column or [],
         caption_column=caption_column,
+        masks=masks,
     )
     typer.echo(format_summary(report))
 

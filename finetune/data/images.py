@@ -22,16 +22,20 @@ from finetune.data.sources import ImageTask
 from finetune.errors import EXIT_USAGE, FinetuneError
 
 __all__ = [
+    "MASK_SUFFIX",
     "ImageResult",
+    "MaskResult",
     "NormalizeOptions",
     "find_duplicates",
     "hamming",
     "parse_background",
     "perceptual_hash",
     "process_image",
+    "process_mask",
 ]
 
 
+MASK_SUFFIX = "_mask.png"  # <stem>_mask.png sits next to <stem>.jpg|png in the zip (the trainer reads this name)
 LOSSY_FORMATS = frozenset({"JPEG", "MPO", "HEIF", "AVIF"})  # re-encoded as JPEG q95; everything else as PNG
 JPEG_QUALITY = 95
 
@@ -61,6 +65,18 @@ class ImageResult:
     orig_width: int = 0
     orig_height: int = 0
     phash: int = 0
+    flags: tuple[str, ...] = ()
+    orientation: int = 1  # the EXIF Orientation applied (1: none); a mask in the stored frame gets the same
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """The outcome for one mask: either ``reason`` (unusable) or ``<stem>_mask.png`` written next to its image."""
+
+    source: str
+    reason: str = ""
+    file_name: str = ""
+    sha256: str = ""
     flags: tuple[str, ...] = ()
 
 
@@ -220,7 +236,90 @@ def _normalize(source: str, data: bytes, opts: NormalizeOptions) -> ImageResult:
         orig_height=oh,
         phash=perceptual_hash(im),
         flags=tuple(flags),
+        orientation=orientation if orientation in _EXIF_TRANSPOSE else 1,
     )
+
+
+def process_mask(task: ImageTask, image: ImageResult, opts: NormalizeOptions) -> MaskResult:
+    """Give the mask of ``image`` its image's geometry, as grayscale, and write it as ``<stem>_mask.png``.
+
+    The mask covers the image's pixels as stored in its file, and then gets the image's EXIF orientation and
+    downscale; or, where the mask has its own EXIF orientation or only the upright size fits (orientations 5-8 swap
+    the sides), it covers the image as shown upright. Either way it may be any scale of that size (within a pixel of
+    its aspect ratio) and is resized to the image's final size. Where the stored and upright sizes are the same
+    (orientations 2-4), the stored frame is assumed. Colors become their luminance, transparency counts as black
+    (not learned). Never raises for a bad mask: the result carries the reason instead.
+    """
+    try:
+        data, _ = _read_task(task)
+    except (OSError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+        return MaskResult(task.source, reason=f"mask cannot be read: {e}")
+    if not data:
+        return MaskResult(task.source, reason="mask is an empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _normalize_mask(task.source, data, image, opts)
+    except Image.DecompressionBombError as e:
+        return MaskResult(task.source, reason=f"mask is a decompression bomb, not decoded: {e}")
+    except UnidentifiedImageError:
+        return MaskResult(task.source, reason="mask is not an image Pillow can read")
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+        return MaskResult(task.source, reason=f"mask is corrupt or truncated: {e}")
+
+
+def _normalize_mask(source: str, data: bytes, image: ImageResult, opts: NormalizeOptions) -> MaskResult:
+    with Image.open(io.BytesIO(data)) as probe:
+        probe.verify()
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    own_orientation = im.getexif().get(0x0112, 1)
+    im, _ = _working_mode(im)
+    flags = []
+    if im.mode in ("RGBA", "LA") and im.getchannel("A").getextrema()[0] < 255:
+        alpha = im.getchannel("A")
+        im = Image.composite(im.convert("L"), Image.new("L", im.size, 0), alpha)
+        flags.append("transparent mask pixels count as black")
+    im = im.convert("L")
+    upright = (image.orig_width, image.orig_height)
+    swapped = image.orientation in (5, 6, 7, 8)
+    stored = upright[::-1] if swapped else upright
+    final = (image.width, image.height)
+    if own_orientation in _EXIF_TRANSPOSE:
+        im = im.transpose(_EXIF_TRANSPOSE[own_orientation])
+        flags.append(f"mask EXIF orientation {own_orientation} applied")
+        frames = [(upright, final, None)]
+    else:
+        frames = [(stored, final[::-1] if swapped else final, _EXIF_TRANSPOSE.get(image.orientation))]
+        if swapped:
+            frames.append((upright, final, None))
+    # The first frame with the mask's aspect ratio (within a pixel): its size, the size to resize to, the transpose.
+    fits = [frame for frame in frames if abs(im.width * frame[0][1] - im.height * frame[0][0]) < max(frame[0])]
+    if not fits:
+        return MaskResult(
+            source,
+            reason=f"mask is {im.width}x{im.height} but its image {image.source} is {upright[0]}x{upright[1]}; a "
+            "mask needs its image's size or aspect ratio",
+        )
+    _, size, transpose = fits[0]
+    if im.size != size:
+        flags.append(f"mask resized from {im.width}x{im.height}")
+        im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)  # the image's downscale filter
+    if transpose is not None:
+        im = im.transpose(transpose)
+        flags.append(f"its image's EXIF orientation {image.orientation} applied to the mask")
+    if im.getextrema()[1] == 0:
+        flags.append("mask is all black: its image teaches nothing")
+    im.info = {}
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    encoded = buf.getvalue()
+    file_name = f"{image.stem}{MASK_SUFFIX}"
+    target = Path(opts.workdir) / file_name
+    part = target.with_name(f"{file_name}.{os.getpid()}.part")
+    part.write_bytes(encoded)
+    os.replace(part, target)
+    return MaskResult(source, file_name=file_name, sha256=hashlib.sha256(encoded).hexdigest(), flags=tuple(flags))
 
 
 # EXIF Orientation tag value -> the transpose that shows the image upright (as PIL.ImageOps.exif_transpose).

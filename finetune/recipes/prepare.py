@@ -4,11 +4,13 @@ scan sources (single images, or pairs: a target, its references and an instructi
 so a bad name fails before any work) -> decode and normalize every image in a process pool (verify, EXIT-transpose,
 ICC -> sRGB, alpha onto a background, 8-bit RGB, downscale; workers write the encoded image to a work folder and
 return only facts, so memory stays flat in the number of images) -> drop pairs with an unusable side -> remove exact
-and near duplicates (of the targets) -> captions with the trigger word -> write the zip (sorted entries, fixed
+and near duplicates (of the targets) -> give each kept image's mask (``--masks``) its image's geometry -> captions
+with the trigger word -> write the zip (sorted entries, fixed
 timestamps, content-derived names) to a temporary file and rename it into place -> ``OUT.report.json``.
 
 The zip contracts (DESIGN.md): flat ``<stem>.jpg|png`` + ``<stem>.txt`` + ``metadata.jsonl`` rows
-``{file_name, text, width, height, sha256, source}``; for pairs ``<stem>_start.<ext>`` (``_start_2``, ...) +
+``{file_name, text, width, height, sha256, source}``, plus ``mask`` (``<stem>_mask.png``, grayscale, the image's size,
+white = learn) for an image given a mask; for pairs ``<stem>_start.<ext>`` (``_start_2``, ...) +
 ``<stem>_end.<ext>`` + ``<stem>.txt`` + rows that add ``references: [{file_name, width, height, sha256, source}]``.
 The same inputs and options give byte-identical bytes.
 """
@@ -24,12 +26,12 @@ import sys
 import tempfile
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from itertools import repeat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from finetune import data
@@ -60,7 +62,9 @@ class PrepareReport:
     ``kept`` rows: file_name, text, caption_source (sidecar | metadata | autocaption | template), width, height,
     orig_width, orig_height, sha256, source, flags; for pairs these describe the target and ``references`` lists the
     same facts (less text and caption_source) per reference. ``skipped``/``ignored``/``unpaired`` rows: source,
-    reason; a pair's ``skipped`` rows add ``pair`` (its target). ``duplicates`` rows: source, kept (the source that was
+    reason; a pair's ``skipped`` rows add ``pair`` (its target), an image skipped for its mask adds ``mask`` (the
+    mask's source), and ``unpaired`` also lists masks without an image. With masks, a kept row adds ``mask`` (its zip
+    name) and ``mask_source``. ``duplicates`` rows: source, kept (the source that was
     kept instead), kind (exact | near), distance (bits). ``layout``: ``none`` for single images, else the pair layout.
     """
 
@@ -117,6 +121,7 @@ def prepare(
     image_column: str | None = None,
     control_columns: Sequence[str] = (),
     caption_column: str | None = None,
+    masks: str | Path | None = None,
 ) -> PrepareReport:
     """Turn folders, zips and datasets folders of images, or of edit pairs, into one captioned dataset zip at ``out``.
 
@@ -147,13 +152,18 @@ def prepare(
         control_columns: the ``columns`` layout's reference columns, reference 1 first.
         caption_column: the ``columns`` layout's instruction column (default the first of
             ``data.INSTRUCTION_COLUMNS`` present).
+        masks: a folder or zip of grayscale loss masks (white = learn) named like the images (``photo.png`` for
+            ``photo.jpg``; subfolders as in the source). Each is given its image's geometry and stored as
+            ``<stem>_mask.png``; an image without one trains unmasked, an image whose mask is unusable (unreadable,
+            or not its image's size or aspect ratio) is skipped with the mask named, and a mask without an image is
+            listed in ``unpaired``. Single images only.
 
     Returns:
         The report; the zip is at ``report.zip_path`` and its sha256 is ``report.digest``.
 
     Raises:
-        FinetuneError: bad options or sources, or single images mixed with pairs (exit code 2), or no usable image
-            or pair left (exit code 1).
+        FinetuneError: bad options or sources, or single images mixed with pairs, or masks for pairs (exit code 2),
+            or no usable image or pair left (exit code 1).
     """
     out = Path(out)
     trigger = trigger_word.strip() if isinstance(trigger_word, str) else ""
@@ -173,6 +183,14 @@ def prepare(
             EXIT_USAGE,
         )
     rgb = data.parse_background(background)
+    if masks is not None:
+        masks = Path(masks)
+        if not (masks.is_dir() and not data.is_hf_dataset(masks)) and not zipfile.is_zipfile(masks):
+            raise FinetuneError(
+                f"--masks {str(masks)!r} is not a folder or zip of masks; pass the folder that holds a grayscale "
+                "mask per image, named like the image (photo.png for photo.jpg)",
+                EXIT_USAGE,
+            )
     layout = _requested_layout(pairs, controls, image_column, control_columns, caption_column)
 
     # Scan: cheap, in this process; nothing is decoded yet. A zip holds single images or pairs, never both.
@@ -181,6 +199,12 @@ def prepare(
     if not is_pairs and not trigger:
         raise FinetuneError(
             "--trigger-word is required for single images, e.g. --trigger-word TOK (edit pairs may go without)",
+            EXIT_USAGE,
+        )
+    if is_pairs and masks is not None:
+        raise FinetuneError(
+            "--masks weights the loss of single images; edit pairs take none (a pair's target is learned whole). "
+            "Drop --masks, or prepare the images as single images with --pairs none",
             EXIT_USAGE,
         )
     if is_pairs and autocaption:
@@ -208,6 +232,10 @@ def prepare(
             "control_columns": list(control_columns),
             "caption_column": caption_column,
         }
+    mask_tasks: dict[str, data.ImageTask] = {}
+    if masks is not None:
+        options["masks"] = str(masks)
+        mask_tasks = _match_masks(scan, masks)
     # A pair without an instruction teaches nothing: drop it by name, unless --caption-template gives it one.
     skipped = _drop_uninstructed(scan) if is_pairs and caption_template is None else []
     captioner = None
@@ -219,7 +247,8 @@ def prepare(
     warnings = scan.warnings
     try:
         opts = data.NormalizeOptions(max_side=max_side, min_side=min_side, background=rgb, workdir=str(workdir))
-        results = _process_all([task for ex in scan.examples for task in ex], opts, workers, progress)
+        tasks = [task for ex in scan.examples for task in ex]
+        results = _process_all(data.process_image, [(task,) for task in tasks], opts, workers, progress)
         # A pair stays a pair: an unusable side drops it (with that side's reason).
         ok, failed = _join_sides(scan.examples, results)
         skipped = sorted(skipped + failed, key=lambda s: s["source"]) if is_pairs else failed
@@ -233,6 +262,11 @@ def prepare(
             for i, (k, kind, dist) in sorted(dups.items(), key=lambda kv: targets[kv[0]].source)
         ]
         kept = sorted((sides for i, sides in enumerate(ok) if i not in dups), key=lambda sides: sides[0].file_name)
+        mask_results: dict[str, data.MaskResult] = {}
+        if mask_tasks:
+            # An image whose mask is unusable is left out: training it whole would learn what the mask hides.
+            kept, mask_results, failed = _process_masks(kept, mask_tasks, opts, workers, progress)
+            skipped = sorted(skipped + failed, key=lambda s: s["source"])
         if not kept:
             reasons = Counter(s["reason"].split(":")[0] for s in skipped).most_common(3)
             raise FinetuneError(
@@ -248,6 +282,8 @@ def prepare(
             targets = [sides[0] for sides in kept]
             rows = _caption_rows(targets, scan.captions, trigger, caption_template, captioner, workdir, warnings)
             files = _image_files(rows, workdir)
+            if masks is not None:
+                _add_masks(rows, files, mask_results, workdir, warnings)
         zip_bytes = _write_zip_atomic(out, [_metadata_row(r) for r in rows], files)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -416,17 +452,22 @@ def _check_trigger_placeholders(captions: dict[str, tuple[str, str]], template: 
 
 
 def _process_all(
-    tasks: list[data.ImageTask], opts: data.NormalizeOptions, workers: int | None, progress: bool
-) -> list[data.ImageResult]:
-    """Run :func:`data.process_image` over all tasks on a process pool; results in task order."""
+    fn: Callable[..., Any],
+    jobs: list[tuple[Any, ...]],
+    opts: data.NormalizeOptions,
+    workers: int | None,
+    progress: bool,
+) -> list[Any]:
+    """Run ``fn(*job, opts)`` (:func:`data.process_image`, :func:`data.process_mask`) over all jobs on a process pool;
+    results in job order."""
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(workers, len(tasks)))
+    workers = max(1, min(workers, len(jobs)))
     results = []
     if workers == 1:
-        with _progress_bar(len(tasks), progress) as bar:
-            for task in tasks:
-                results.append(data.process_image(task, opts))
+        with _progress_bar(len(jobs), progress) as bar:
+            for job in jobs:
+                results.append(fn(*job, opts))
                 bar.update()
         return results
     # fork on Linux: workers need no re-import of __main__, so scripts without a main guard, `python -` and
@@ -436,8 +477,8 @@ def _process_all(
     try:
         # map submits every task now, which starts the workers before the progress bar starts its thread.
         # Tasks and results are a few hundred bytes; the pixels go to opts.workdir, so memory stays flat.
-        outcomes = pool.map(data.process_image, tasks, repeat(opts), chunksize=1)
-        with _progress_bar(len(tasks), progress) as bar:
+        outcomes = pool.map(fn, *zip(*jobs, strict=True), repeat(opts), chunksize=1)
+        with _progress_bar(len(jobs), progress) as bar:
             for result in outcomes:
                 results.append(result)
                 bar.update()
@@ -471,6 +512,80 @@ def _join_sides(
                 for i, r in bad
             ]
     return ok, skipped
+
+
+def _mask_key(source: str) -> str:
+    """The name a mask matches an image by: its path inside its source, less the extension, lowercase."""
+    return str(PurePosixPath(source.split("/", 1)[-1].lower()).with_suffix(""))
+
+
+def _match_masks(scan: _Scan, masks: Path) -> dict[str, data.ImageTask]:
+    """{image source: its mask's task}; a mask without an image (or a second mask of one) goes to ``unpaired``.
+
+    Files of the masks folder found inside a source folder are masks, not images: they leave the scan as ignored.
+    """
+    root = masks.resolve()
+    inside = {
+        ex[0].source for ex in scan.examples if ex[0].kind == "file" and root in Path(ex[0].path).resolve().parents
+    }
+    if inside:
+        scan.examples = [ex for ex in scan.examples if ex[0].source not in inside]
+        scan.ignored += [data.Ignored(source, "a mask (inside the --masks folder)") for source in sorted(inside)]
+    found = data.scan_source(masks)
+    scan.ignored += [i for i in found.ignored if "no matching image" not in i.reason]
+    by_key: dict[str, data.ImageTask] = {}
+    for task in sorted(found.tasks, key=lambda t: t.source):
+        key = _mask_key(task.source)
+        if key in by_key:
+            scan.unpaired.append(data.Ignored(task.source, f"a second mask for {key} (kept {by_key[key].source})"))
+        else:
+            by_key[key] = task
+    images = {_mask_key(ex[0].source): ex[0].source for ex in scan.examples}
+    for key, task in by_key.items():
+        if key not in images:
+            scan.unpaired.append(data.Ignored(task.source, f"a mask without an image named {key}.*"))
+    return {ex[0].source: by_key[key] for ex in scan.examples if (key := _mask_key(ex[0].source)) in by_key}
+
+
+def _process_masks(
+    kept: list[tuple[data.ImageResult, ...]],
+    mask_tasks: dict[str, data.ImageTask],
+    opts: data.NormalizeOptions,
+    workers: int | None,
+    progress: bool,
+) -> tuple[list[tuple[data.ImageResult, ...]], dict[str, data.MaskResult], list[dict[str, str]]]:
+    """Give the kept images' masks their geometry; an image with an unusable mask leaves ``kept`` with a skipped row
+    that names the mask. Returns the images left, {image source: mask result} and the skipped rows."""
+    jobs = [(mask_tasks[sides[0].source], sides[0]) for sides in kept if sides[0].source in mask_tasks]
+    outcomes = _process_all(data.process_mask, jobs, opts, workers, progress)
+    results = {image.source: r for (_, image), r in zip(jobs, outcomes, strict=True)}
+    failed = [
+        {"source": source, "reason": f"mask {r.source}: {r.reason}", "mask": r.source}
+        for source, r in results.items()
+        if r.reason
+    ]
+    bad = {row["source"] for row in failed}
+    return [sides for sides in kept if sides[0].source not in bad], results, failed
+
+
+def _add_masks(
+    rows: list[dict[str, Any]],
+    files: dict[str, bytes | Path],
+    masks: dict[str, data.MaskResult],
+    workdir: Path,
+    warnings: list[str],
+) -> None:
+    """Each masked row's ``mask`` and ``mask_source`` (and the mask's flags), and ``<stem>_mask.png`` in the zip."""
+    for row in rows:
+        mask = masks.get(row["source"])
+        if mask is None:
+            continue
+        row["mask"], row["mask_source"] = mask.file_name, mask.source
+        row["flags"] += list(mask.flags)
+        files[mask.file_name] = workdir / mask.file_name
+    unmasked = sum("mask" not in row for row in rows)
+    if unmasked:
+        warnings.append(f"{unmasked} of {len(rows)} images have no mask in --masks; they train unmasked (whole)")
 
 
 def _side_name(index: int, count: int) -> str:
@@ -607,6 +722,8 @@ def _image_files(rows: list[dict[str, Any]], workdir: Path) -> dict[str, bytes |
 def _metadata_row(row: dict[str, Any]) -> dict[str, Any]:
     """The ``metadata.jsonl`` row of a report row: the contract's keys, and for pairs each reference's."""
     meta = {k: row[k] for k in METADATA_KEYS}
+    if "mask" in row:
+        meta["mask"] = row["mask"]
     if "references" in row:
         meta["references"] = [{k: ref[k] for k in METADATA_KEYS if k != "text"} for ref in row["references"]]
     return meta
@@ -688,6 +805,11 @@ def format_summary(report: PrepareReport) -> str:
     lines += [f"  {kind:<26}{n:>6}" for kind, n in sorted(kinds.items())]
     if pairs:
         lines.append(f"{'unpaired images':<28}{len(report.unpaired):>6}")
+        lines += _names(report.unpaired)
+    if "masks" in report.options:
+        lines.append(f"{'masked images':<28}{sum('mask' in r for r in report.kept):>6}")
+        lines += _names([s for s in report.skipped if "mask" in s])
+        lines.append(f"{'masks without an image':<28}{len(report.unpaired):>6}")
         lines += _names(report.unpaired)
     lines.append(f"{'files ignored':<28}{len(report.ignored):>6}")
     lines.append("instructions" if pairs else "captions")
