@@ -4,6 +4,7 @@
     python scripts/bench_train.py --px 256 --steps 40 --rounds 1
     python scripts/bench_train.py --family flux2     # the same on preset:flux2-small (FLUX.2 [klein]-shaped)
     python scripts/bench_train.py --family flux3 --kinds trainer eager floor   # preset:flux3-small (FLUX 3 Klein)
+    python scripts/bench_train.py --px 256 --kinds trainer dop ema             # issue 16's DOP and EMA beside it
     python scripts/bench_train.py --family kontext --edit --reference train_dreambooth_lora_flux_kontext.py
     python scripts/bench_train.py --family flux2 --edit --reference train_dreambooth_lora_flux2_klein_img2img.py
 
@@ -15,6 +16,10 @@ buckets), batch 1, LoRA rank 16 on every block Linear, text max_sequence_length 
 - ``compiled``: the same with ``train.compile=true``; the first interval's extra time is reported as compile time;
 - ``int8``, ``int8-compiled`` (only when asked for with ``--kinds``): the trainer with ``train.quantize=int8`` (torchao
   int8 weights), eager and with ``train.compile=true``;
+- ``dop``, ``ema`` (only when asked for with ``--kinds``): the trainer with ``train.preservation.class_word: person``
+  (differential output preservation: a LoRA-off forward and the class captions in the training batch) or
+  ``train.ema.decay: 0.99`` (an EMA of the LoRA after each step, on the CPU); ``dop/trainer`` and ``ema/trainer`` are
+  their cost (issue 16);
 - ``ref-lora``: the trainer at the LoRA settings of the reference script (below): for FLUX.1 rank 4 on
   ``attn.to_q/to_k/to_v/to_out.0`` only; for FLUX.2 the same plus the single blocks' ``attn.to_qkv_mlp_proj`` and
   ``attn.to_out``; ``ref-compiled`` the same compiled. Both train on square images, as the reference (which crops
@@ -145,7 +150,7 @@ def _pair_columns(folder: Path, px: int) -> Path:
     return out
 
 
-def _config(dataset: Path, px: int, steps: int, out: Path):
+def _config(dataset: Path, px: int, steps: int, out: Path, train_keys: dict | None = None):
     from finetune.config import parse_config
 
     return parse_config(
@@ -162,6 +167,7 @@ def _config(dataset: Path, px: int, steps: int, out: Path):
                 "learning_rate": 1e-4,
                 "save_every": 0,
                 "output_dir": str(out),
+                **(train_keys or {}),
             },
             "sample": {"every": 0},
         }
@@ -176,14 +182,15 @@ def _trainer(
     lora: dict | None = None,
     quantize: str = "none",
     edit: bool = False,
+    train_keys: dict | None = None,
 ) -> dict:
     from dataclasses import replace
 
     from finetune.recipes.train_local import LOG_EVERY, train
 
     data = (_pairs if edit else _dataset)(work, px, square=lora is not None)
-    train(_config(data, px, 2, work / "warm"))  # fills the cache: the measured run is a second run, as in practice
-    cfg = _config(data, px, steps, work / "run")
+    train(_config(data, px, 2, work / "warm", train_keys))  # fills the cache: the measured run is a second run
+    cfg = _config(data, px, steps, work / "run", train_keys)
     cfg = replace(
         cfg, train=replace(cfg.train, compile=compile, quantize=quantize), lora=replace(cfg.lora, **(lora or {}))
     )
@@ -370,6 +377,8 @@ def _child(kind: str, px: int, steps: int, threads: int, reference: Path | None 
             "int8-compiled": lambda: _trainer(px, steps, work, compile=True, quantize="int8", edit=EDIT),
             "ref-lora": lambda: _trainer(px, steps, work, lora=REFERENCE_LORA[FAMILY], edit=EDIT),
             "ref-compiled": lambda: _trainer(px, steps, work, compile=True, lora=REFERENCE_LORA[FAMILY], edit=EDIT),
+            "dop": lambda: _trainer(px, steps, work, train_keys={"preservation": {"class_word": "person"}}),
+            "ema": lambda: _trainer(px, steps, work, train_keys={"ema": {"decay": 0.99}}),
             "naive": lambda: _naive(px, steps, work),
             "eager": lambda: _eager(px, steps),
             "floor": lambda: _floor(px, steps),
@@ -423,7 +432,7 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         nargs="*",
-        choices=KINDS + ("t2i", "int8", "int8-compiled"),
+        choices=KINDS + ("t2i", "int8", "int8-compiled", "dop", "ema"),
         help="rows to measure (default: all but t2i and the int8 ones; --edit: " + " ".join(EDIT_KINDS) + ")",
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -469,6 +478,7 @@ def main() -> None:
                 print(f"  {kind} warm-up {row[kind]['warmup_s']:.0f} s")
         ratios = [(x, "eager") for x in ("trainer", "compiled", "ref-lora", "ref-compiled", "reference")]
         ratios += [("int8", "trainer"), ("int8-compiled", "compiled"), ("int8-compiled", "int8")]
+        ratios += [("dop", "trainer"), ("ema", "trainer")]
         ratios += [(x, "floor") for x in ("trainer", "compiled")] + [("naive", "trainer"), ("trainer", "t2i")]
         ratios += [(x, "reference") for x in ("trainer", "compiled", "ref-lora", "ref-compiled")]
         for a, b in ratios:
