@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import models
 from finetune.errors import EXIT_USAGE, FinetuneError
 from finetune.files import atomic_dir, finetune_home, sha256_file, write_atomic
 
@@ -69,13 +70,14 @@ class Version:
 
 def _model_card(model: str, version_id: str, lineage: dict) -> str:
     base = lineage.get("base_model", "unknown")
+    family = lineage.get("family") or _family_of(base)
     trigger = lineage.get("trigger_word", "")
     lora = lineage.get("lora", {})
     dataset = lineage.get("dataset", {})
     lines = [
         f"# {model}:{version_id[:SHORT_ID]}",
         "",
-        f"A FLUX.1 LoRA trained with finetune ({lineage.get('backend', 'unknown')} backend).",
+        f"A {_family_label(family, base)} LoRA made with finetune ({lineage.get('backend', 'unknown')} backend).",
         "",
         f"- Base model: `{base}`",
         f"- Trigger word: `{trigger}`" if trigger else "- Trigger word: none",
@@ -86,19 +88,32 @@ def _model_card(model: str, version_id: str, lineage: dict) -> str:
         "## Use it",
         "",
         "```python",
-        "import torch",
-        "from diffusers import FluxPipeline",
-        "",
-        f'pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
-        f'pipe.load_lora_weights("{LORA_FILE}")',
-        f'image = pipe("a photo of {trigger}", num_inference_steps=28, guidance_scale=3.5).images[0]',
+        *models.usage(base, family, trigger),
         "```",
         "",
-        f"ComfyUI: `finetune models export {model}:{version_id[:SHORT_ID]} --format kohya -o lora_kohya.safetensors`,",
-        "then load it with LoraLoaderModelOnly.",
-        "",
     ]
+    if family != "flux3":  # FLUX 3 has no documented ComfyUI mapping: its export is refused
+        ref = f"{model}:{version_id[:SHORT_ID]}"
+        lines += [f"ComfyUI: `finetune models export {ref} --format comfyui -o lora_comfyui.safetensors`,"]
+        lines += ["then load it with LoraLoaderModelOnly.", ""]
     return "\n".join(lines)
+
+
+def _family_of(base: str) -> str:
+    """The family of a lineage without one (remote and imported versions), from what needs no network: a preset, a
+    local folder or a BFL hub id; else "" (a generic card)."""
+    if not (base.startswith(("preset:", "black-forest-labs/")) or Path(base).expanduser().is_dir()):
+        return ""
+    try:
+        return models.family_name(base)
+    except FinetuneError:  # a base this toolkit does not know
+        return ""
+
+
+def _family_label(family: str | None, base: str) -> str:
+    return {"flux1": "FLUX.1", "kontext": "FLUX.1 Kontext", "flux2": "FLUX.2", "flux3": "FLUX 3"}.get(
+        family or "", f"{base}"
+    )
 
 
 class Registry:

@@ -131,3 +131,28 @@ def test_concurrent_writers_all_succeed(tmp_path):
     versions = Registry(root).versions("me/tok")
     assert len(versions) == 15
     assert sorted(v.info["sequence"] for v in versions) == list(range(1, 16))
+
+
+@pytest.mark.parametrize(
+    "lineage, pipeline, label",
+    [
+        ({"base_model": "black-forest-labs/FLUX.1-dev", "family": "flux1"}, "FluxPipeline", "FLUX.1"),
+        ({"base_model": "black-forest-labs/FLUX.1-Kontext-dev"}, "FluxKontextPipeline", "FLUX.1 Kontext"),
+        ({"base_model": "black-forest-labs/FLUX.2-klein-base-4B"}, "Flux2KleinPipeline", "FLUX.2"),
+        ({"base_model": "black-forest-labs/FLUX.2-dev", "family": "flux2"}, "Flux2Pipeline", "FLUX.2"),
+        ({"base_model": "preset:flux3-tiny", "family": "flux3"}, "ModularPipeline", "FLUX 3"),
+    ],
+)
+def test_the_model_card_shows_the_family_pipeline_in_valid_python(tmp_path, lineage, pipeline, label):
+    import ast
+    import re
+
+    from finetune.registry import _model_card
+
+    card = _model_card("me/tok", "a" * 64, {"trigger_word": "TOK", "backend": "local", **lineage})
+    assert f"A {label} LoRA" in card
+    (code,) = re.findall(r"```python\n(.*?)```", card, re.S)
+    ast.parse(code)  # copy-paste ready
+    assert f"from diffusers import {pipeline}" in code and 'load_lora_weights("lora.safetensors")' in code
+    assert ("image=load_image" in code) == (pipeline == "FluxKontextPipeline")  # an edit LoRA edits an image
+    assert ("--format comfyui" in card) == (label != "FLUX 3")

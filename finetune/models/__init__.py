@@ -34,6 +34,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_quantize",
+    "usage",
 ]
 
 FAMILIES = ("flux1", "kontext", "flux2", "flux3")
@@ -204,6 +205,36 @@ def fit_inputs(images: list, size: int) -> list:
     from finetune.models.common import fit_inputs
 
     return fit_inputs(images, size)
+
+
+def usage(base_model: str, family: str, trigger: str = "") -> list[str]:
+    """Python lines that load ``base_model`` with a LoRA of ``family`` in diffusers and run it once (the registry's
+    model card); torch-free. The calls use each pipeline's documented defaults."""
+    prompt = f"a photo of {trigger}".strip()
+    klein = "klein" in base_model.lower() or base_model in ("preset:flux2-tiny", "preset:flux2-small")
+    pipeline, call = {
+        "flux1": ("FluxPipeline", f'pipe("{prompt}", num_inference_steps=28, guidance_scale=3.5)'),
+        "kontext": (
+            "FluxKontextPipeline",
+            'pipe(image=load_image("input.png"), prompt="<the instruction>", guidance_scale=2.5)',
+        ),
+        "flux2": (
+            "Flux2KleinPipeline" if klein else "Flux2Pipeline",
+            f'pipe("{prompt}", num_inference_steps=50, guidance_scale=4.0)',
+        ),
+        "flux3": ("ModularPipeline", f'pipe(prompt="{prompt}", output="images")'),
+    }.get(family, ("DiffusionPipeline", f'pipe("{prompt}")'))
+    imports = ["import torch", f"from diffusers import {pipeline}"]
+    imports += ["from diffusers.utils import load_image"] if family == "kontext" else []
+    if family == "flux3":  # a modular pipeline: its parts load after the blocks (Flux3ModularPipeline)
+        load = [
+            f'pipe = ModularPipeline.from_pretrained("{base_model}")',
+            "pipe.load_components(torch_dtype=torch.bfloat16)",
+            'pipe.to("cuda")',
+        ]
+    else:
+        load = [f'pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")']
+    return [*imports, "", *load, 'pipe.load_lora_weights("lora.safetensors")', f"image = {call}[0]"]
 
 
 def family_for(base_model: str) -> Family:
