@@ -164,7 +164,7 @@ class TrainConfig:
         0, "Text tokens; 0 = the family's: 512 (FLUX.1-dev, FLUX.2), 256 (FLUX.1-schnell).", ge=0, le=512
     )
     allow_distilled: bool = _field(
-        False, "Train on a step-distilled FLUX.2 [klein] checkpoint anyway (LoRAs trained on it collapse)."
+        False, "Train on a step-distilled FLUX.2 [klein] or FLUX 3 checkpoint anyway (LoRAs trained on it collapse)."
     )
     save_every: int = _field(250, "Checkpoint every N steps; 0 saves only at the end.", ge=0)
     keep_checkpoints: int = _field(3, "Keep the newest N checkpoints of a run, delete older ones; 0 keeps all.", ge=0)
@@ -246,7 +246,8 @@ class Config:
     base_model: str = _field(
         "black-forest-labs/FLUX.1-dev",
         "Hub id, local diffusers folder, or a random-weight preset: preset:tiny|small (FLUX.1), "
-        "preset:kontext-tiny|kontext-small (FLUX.1 Kontext), preset:flux2-tiny|flux2-small|flux2-dev-tiny (FLUX.2).",
+        "preset:kontext-tiny|kontext-small (FLUX.1 Kontext), preset:flux2-tiny|flux2-small|flux2-dev-tiny (FLUX.2), "
+        "preset:flux3-tiny|flux3-small (FLUX 3 Image Klein).",
     )
     output: str = _field("local/flux-lora", "Registry model (owner/name) that receives the new version.")
     dataset: str | list[str | DatasetEntry] = _field(
