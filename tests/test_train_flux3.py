@@ -238,3 +238,13 @@ def test_eval_samples_a_flux3_lora_against_its_base(work, dataset_zip, tmp_path,
     assert base.shape == (32, 32, 3)
     assert np.abs(base - np.asarray(Image.open(files[("c1", 1)]))).mean() > 0.5  # the LoRA is applied
     assert np.abs(base - np.asarray(Image.open(files[("c0", 2)]))).mean() > 0.5  # seeds differ
+
+
+def test_replicate_has_no_flux3_trainer_so_the_remote_backend_refuses_it(dataset_zip):
+    from finetune.recipes.train_remote import choose_trainer
+
+    cfg = parse_config({"base_model": "black-forest-labs/flux-3-image-klein-base", "output": "me/tok",
+                        "dataset": str(dataset_zip), "backend": "replicate"})  # fmt: skip
+    with pytest.raises(FinetuneError, match="is FLUX 3, and Replicate has no FLUX 3 LoRA trainer") as info:
+        choose_trainer(cfg)
+    assert info.value.exit_code == 2

@@ -181,21 +181,23 @@ def choose_trainer(cfg: Config) -> tuple[str, str]:
     """``(trainer, kind)`` for the config's base model; raises (exit 2, before any request) when the trainer would
     train another model than the config names.
 
-    ``remote.trainer`` left at its default becomes the Kontext trainer for a FLUX.1 Kontext base. A FLUX.2 base has
-    no Replicate trainer: only a trainer model of the user's own is let through (reference/flux-family-2026.md §3).
+    ``remote.trainer`` left at its default becomes the Kontext trainer for a FLUX.1 Kontext base. A FLUX.2 or FLUX 3
+    base has no Replicate trainer: only a trainer model of the user's own is let through (reference/
+    flux-family-2026.md §3).
     """
     family = models.family_name(cfg.base_model)
     trainer = cfg.remote.trainer
     if family == "kontext" and trainer == DEFAULT_TRAINER:
         trainer = KONTEXT_TRAINER
     kind = _trainer_kind(trainer)
-    if family == "flux2" and kind != OWN:
+    if family in ("flux2", "flux3") and kind != OWN:
+        label = {"flux2": "FLUX.2", "flux3": "FLUX 3"}[family]
         raise FinetuneError(
-            f"backend: replicate: base_model {cfg.base_model} is FLUX.2, and Replicate has no FLUX.2 LoRA trainer "
+            f"backend: replicate: base_model {cfg.base_model} is {label}, and Replicate has no {label} LoRA trainer "
             f"today: its trainers train {REPLICATE_TRAINS} only, so {trainer.split(':', 1)[0]} would train another "
-            "model than this config names. Train FLUX.2 locally (backend: local; `finetune env` says how it fits this "
-            "machine), or set remote.trainer to a Replicate trainer model that trains FLUX.2 (your own Cog trainer, "
-            "for example) and pass its settings as remote.inputs.NAME.",
+            f"model than this config names. Train {label} locally (backend: local; `finetune env` says how it fits "
+            f"this machine), or set remote.trainer to a Replicate trainer model that trains {label} (your own Cog "
+            "trainer, for example) and pass its settings as remote.inputs.NAME.",
             EXIT_USAGE,
         )
     if family == "kontext" and kind == OSTRIS:
