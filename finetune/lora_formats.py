@@ -324,6 +324,10 @@ def _make(family: str, label: str, base_model: str, config: dict[str, Any]) -> L
     return _layout(family, label, base_model, json.dumps(config, sort_keys=True, default=list))
 
 
+class UnsupportedFamily(FinetuneError):
+    """A base model of a family whose module shapes the importer does not know (FLUX 3)."""
+
+
 def candidate_layouts() -> list[Layout]:
     """The real models a file without ``--base`` (or a base in its metadata) may fit, in preference order."""
     return [_make(*entry) for entry in _REAL]
@@ -333,6 +337,13 @@ def layout_for_base(base_model: str) -> list[Layout]:
     """The layouts ``base_model`` may have: one when its shapes are known (a preset, a folder with a transformer
     config, a known hub id), else every real model of its family (the file's shapes decide)."""
     family = models.family_name(base_model)
+    if ("flux1" if family == "kontext" else family) not in {f for f, *_ in _REAL}:
+        raise UnsupportedFamily(
+            f"{base_model}: importing {models.family_module(family).LABEL} LoRAs is not supported yet (the "
+            "importer knows FLUX.1, FLUX.1 Kontext and FLUX.2 module shapes); a diffusers-key file of it loads as is "
+            "with the pipeline's load_lora_weights",
+            EXIT_USAGE,
+        )
     if base_model.startswith("preset:"):
         config = dict(models.family_module(family).build_preset(base_model.split(":", 1)[1]).transformer.config)
         return [_make(family, base_model, base_model, config)]

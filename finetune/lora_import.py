@@ -272,7 +272,9 @@ def _choose_layout(
         if hint:
             try:
                 candidates = F.layout_for_base(hint)
-            except FinetuneError:
+            except F.UnsupportedFamily:
+                raise
+            except FinetuneError:  # a base this toolkit does not know: the file's shapes decide
                 candidates = []
         # a base named in the file comes first, so it wins whenever it fits as well as any other
         candidates += [c for c in F.candidate_layouts() if c.base_model not in {h.base_model for h in candidates}]

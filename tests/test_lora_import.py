@@ -318,7 +318,7 @@ def test_wrong_shapes_lokr_dora_and_pickles_are_refused(tmp_path, finetune_home)
 
 
 def test_a_lora_that_fits_two_families_needs_base(tmp_path, finetune_home):
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     h = 3072  # FLUX.1 [dev] and FLUX.2 [klein] 4B: both 3072 wide, the same q/k/v names
     path = tmp_path / "q.safetensors"
@@ -329,6 +329,13 @@ def test_a_lora_that_fits_two_families_needs_base(tmp_path, finetune_home):
     assert LI.plan_import(path, base_model="black-forest-labs/FLUX.2-klein-base-4B").layout.family == "flux2"
     plan = LI.plan_import(path, base_model="black-forest-labs/FLUX.1-Kontext-dev")
     assert plan.layout.family == "kontext" and plan.format == "diffusers"
+    with pytest.raises(FinetuneError, match="importing FLUX 3 Image Klein LoRAs is not supported yet") as info:
+        LI.plan_import(path, base_model="preset:flux3-tiny")
+    assert info.value.exit_code == 2
+    named = tmp_path / "flux3.safetensors"  # the base named in the file's metadata says so too
+    save_file(load_file(str(path)), str(named), metadata={"finetune.base_model": "preset:flux3-tiny"})
+    with pytest.raises(FinetuneError, match="importing FLUX 3 Image Klein LoRAs is not supported yet"):
+        LI.plan_import(named)
 
 
 # ------------------------------------------------------------------------------------------------ sources and CLI
