@@ -420,3 +420,36 @@ def save_tiny_scorers(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
         size={"height": 32, "width": 32}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
     ).save_pretrained(dino_dir)
     return clip_dir, dino_dir
+
+
+def prediction_change(
+    base_model: str, lora_file: str | Path, captions: list[str], *, px: int = 32, max_sequence_length: int = 16
+) -> float:
+    """How much an all-linear LoRA changes the model where it should not: the mean squared difference of the
+    transformer's velocity with and without it on ``captions`` (e.g. class-word prompts), for random images, noise
+    and σ = 0.5 drawn from seed 0, through the family interface. The measure of train.preservation (issue 16): a
+    preserved LoRA leaves the class prompts closer to the base model. Rank and alpha come from the file."""
+    import torch
+
+    from finetune import flow, lora, models
+
+    family = models.family_for(base_model)
+    c = family.load_components(base_model, parts=("transformer", "vae", *family.TEXT_PARTS))
+    seq = family.max_sequence_length(base_model, max_sequence_length)
+    with torch.no_grad():
+        text = family.encode_prompts(c, captions, seq)
+        g = torch.Generator().manual_seed(0)
+        pixels = torch.rand((len(captions), 3, px, px), generator=g) * 2 - 1
+        latents = family.normalize_latents(family.encode_images(c.vae, pixels)[0], c.vae)
+        sigmas = torch.full((len(captions),), 0.5)
+        noisy = flow.add_noise(latents, torch.randn(latents.shape, generator=g), sigmas)
+        call = (sigmas, text, family.image_ids(latents.shape[1:], "cpu", torch.float32))
+        call += (family.text_ids(seq, "cpu", torch.float32),)
+        call += (1.0 if getattr(c.transformer.config, "guidance_embeds", False) else None,)
+        before = family.predict(c.transformer, noisy, *call)
+        weights, metadata = lora.load_lora_file(lora_file)
+        rank, alpha = lora.lora_file_settings(weights, metadata)
+        lora.add_lora(c.transformer, rank=rank, alpha=alpha, targets="all-linear")
+        lora.set_lora_state(c.transformer, weights)
+        after = family.predict(c.transformer, noisy, *call)
+    return (after - before).pow(2).mean().item()

@@ -11,7 +11,8 @@ and scores them with tiny random scorers (``metrics.save_tiny_scorers``: nothing
 script prints each column's bleed (DINO similarity to the training images on the prompts without the trigger word;
 lower is less leakage) and DINO fidelity (the prompts with it) side by side, with their bootstrap 95% intervals and
 the win rate against base. It also prints the mean squared change each LoRA makes to the transformer's prediction on
-the class prompts (as tests/test_preservation.py measures it), the quantity DOP is built to keep small.
+the class prompts (``metrics.prediction_change``, as tests/test_preservation.py measures it), the quantity DOP is
+built to keep small.
 
 The model and the scorers have random weights: the figures show the machinery and the direction of the effect on
 this model, not what DOP does to a real FLUX LoRA's bleed.
@@ -28,10 +29,9 @@ from pathlib import Path
 
 import torch
 
-from finetune import flow, lora, models
 from finetune.config import parse_config
 from finetune.demo import BACKGROUNDS, SIZES, TRIGGER, make_demo_images
-from finetune.metrics import save_tiny_scorers
+from finetune.metrics import prediction_change, save_tiny_scorers
 from finetune.recipes.evaluate import evaluate
 from finetune.recipes.prepare import prepare
 from finetune.recipes.train_local import train
@@ -77,30 +77,6 @@ def train_version(dataset: Path, settings: dict, out: Path, name: str, class_wor
     return version.ref, version.lora_path, version.lineage["timings"]["s_per_step"]
 
 
-@torch.no_grad()
-def prediction_change(base: str, lora_file: Path, rank: int, captions: list[str]) -> float:
-    """Mean squared difference of the transformer's velocity with and without the LoRA on ``captions`` (fixed
-    images, noise and σ = 0.5): tests/test_preservation.py's measure."""
-    family = models.family_for(base)
-    c = family.load_components(base, parts=("transformer", "vae", *family.TEXT_PARTS))
-    seq = family.max_sequence_length(base, 32)
-    text = family.encode_prompts(c, captions, seq)
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.rand((len(captions), 3, 64, 64), generator=g) * 2 - 1
-    latents = family.normalize_latents(family.encode_images(c.vae, pixels)[0], c.vae)
-    sigmas = torch.full((len(captions),), 0.5)
-    noisy = flow.add_noise(latents, torch.randn(latents.shape, generator=g), sigmas)
-    img_ids = family.image_ids(latents.shape[1:], "cpu", torch.float32)
-    txt_ids = family.text_ids(seq, "cpu", torch.float32)
-    guidance = 1.0 if getattr(c.transformer.config, "guidance_embeds", False) else None
-    before = family.predict(c.transformer, noisy, sigmas, text, img_ids, txt_ids, guidance)
-    weights, _ = lora.load_lora_file(lora_file)
-    lora.add_lora(c.transformer, rank=rank, alpha=float(rank), targets="all-linear")
-    lora.set_lora_state(c.transformer, weights)
-    after = family.predict(c.transformer, noisy, sigmas, text, img_ids, txt_ids, guidance)
-    return (after - before).pow(2).mean().item()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="the demo size (preset and settings)")
@@ -133,7 +109,7 @@ def main() -> None:
         )
         class_captions = [f"a photo of {CLASS_WORD} on {b}" for b in BACKGROUNDS]
         change = {
-            name: prediction_change(settings["preset"], lora_file, settings["rank"], class_captions)
+            name: prediction_change(settings["preset"], lora_file, class_captions, px=64, max_sequence_length=32)
             for name, (_, lora_file, _) in runs.items()
         }
     aggregate = result.doc["aggregate"]

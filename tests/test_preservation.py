@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_train_local import tiny_config, work  # noqa: F401 (fixture)
 
-from finetune import flow, lora, models
+from finetune import metrics
 from finetune.config import parse_config
 from finetune.recipes.train_local import train
 
@@ -29,28 +29,8 @@ def one_thread():
 CLASS_CAPTIONS = [f"a photo of person, picture {i}" for i in range(6)]  # the dataset's captions, TOK → person
 
 
-@torch.no_grad()
 def prediction_change(base: str, lora_file, captions: list[str] = CLASS_CAPTIONS) -> float:
-    """Mean squared difference of the transformer's velocity with and without the LoRA on ``captions`` (fixed
-    images, noise and σ = 0.5), through the family interface."""
-    family = models.family_for(base)
-    c = family.load_components(base, parts=("transformer", "vae", *family.TEXT_PARTS))
-    seq = family.max_sequence_length(base, 16)
-    text = family.encode_prompts(c, captions, seq)
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.rand((len(captions), 3, 32, 32), generator=g) * 2 - 1
-    latents = family.normalize_latents(family.encode_images(c.vae, pixels)[0], c.vae)
-    sigmas = torch.full((len(captions),), 0.5)
-    noisy = flow.add_noise(latents, torch.randn(latents.shape, generator=g), sigmas)
-    img_ids = family.image_ids(latents.shape[1:], "cpu", torch.float32)
-    txt_ids = family.text_ids(seq, "cpu", torch.float32)
-    guidance = 1.0 if getattr(c.transformer.config, "guidance_embeds", False) else None
-    before = family.predict(c.transformer, noisy, sigmas, text, img_ids, txt_ids, guidance)
-    weights, _ = lora.load_lora_file(lora_file)
-    lora.add_lora(c.transformer, rank=16, alpha=16, targets="all-linear")
-    lora.set_lora_state(c.transformer, weights)
-    after = family.predict(c.transformer, noisy, sigmas, text, img_ids, txt_ids, guidance)
-    return (after - before).pow(2).mean().item()
+    return metrics.prediction_change(base, lora_file, captions, px=32, max_sequence_length=16)
 
 
 @pytest.mark.parametrize("base", ["preset:tiny", "preset:flux2-tiny"])

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_quantize",
+    "save_preset_folder",
     "torchao_config",
     "transformer_bf16_gib",
 ]
@@ -440,6 +442,23 @@ def load_parts(
                     quantize_(module, torchao_config(quantize))
             module.to(device).eval().requires_grad_(False)
     return loaded
+
+
+def save_preset_folder(path: str | Path, pipeline: Callable[[], Any]) -> Path:
+    """Write a preset's pipeline (``pipeline()``, built once the folder is known to be free) as a diffusers folder that
+    the family's pipeline and ``load_components`` load. The folder appears whole (written beside it, then renamed); an
+    existing preset folder is replaced, anything else at ``path`` is refused."""
+    from finetune.files import atomic_dir
+
+    path = Path(path)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise FinetuneError(f"{path} exists and is not a saved pipeline; choose an empty or new folder")
+    pipe = pipeline()
+    with atomic_dir(path) as tmp, quiet_progress():  # no "Writing model shards" bar per text encoder
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            shutil.rmtree(path)
+    return path
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------------

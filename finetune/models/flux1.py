@@ -12,7 +12,6 @@ diffusers' ``FluxPipeline``; tests check these functions against its private hel
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.errors import EXIT_USAGE, FinetuneError
-from finetune.files import atomic_dir
 from finetune.models.common import (
     FLUX_SCHEDULER,
     PRESET_VAE_LOGVAR_SHIFT,
@@ -30,9 +28,9 @@ from finetune.models.common import (
     check_folder_parts,
     load_parts,
     preset_name,
-    quiet_progress,
     render,
     resolve_dtype,
+    save_preset_folder,
     transformer_bf16_gib,
 )
 
@@ -335,17 +333,9 @@ def sampling_pipeline(transformer: Any, vae: Any, scheduler: Any) -> FluxPipelin
 
 
 def save_preset(name: str, path: Path, seed: int = 0) -> Path:
-    """Write ``preset:<name>`` as a diffusers folder that ``FluxPipeline.from_pretrained`` and ``load_components``
-    load. The folder appears whole (written beside it, then renamed); an existing preset folder is replaced."""
-    path = Path(path)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise FinetuneError(f"{path} exists and is not a saved pipeline; choose an empty or new folder")
-    components = build_preset(name, seed)
-    with atomic_dir(path) as tmp, quiet_progress():  # no "Writing model shards" bar per text encoder
-        pipeline_from_components(components).save_pretrained(tmp, safe_serialization=True)
-        if path.exists():
-            shutil.rmtree(path)
-    return path
+    """Write ``preset:<name>`` as a diffusers folder that ``FluxPipeline.from_pretrained`` and ``load_components`` load
+    (``common.save_preset_folder``: whole or not at all)."""
+    return save_preset_folder(path, lambda: pipeline_from_components(build_preset(name, seed)))
 
 
 # ---- loading -------------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ process with random weights; see ``build_preset``.
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.errors import EXIT_USAGE, FinetuneError
-from finetune.files import atomic_dir
 from finetune.models import common
 from finetune.models.common import load_parts, preset_name, render, resolve_dtype
 
@@ -524,14 +522,6 @@ def build_preset(name: str, seed: int = 0) -> Flux2Components:
 
 
 def save_preset(name: str, path: Path, seed: int = 0) -> Path:
-    """Write ``preset:<name>`` as a diffusers folder that the family's pipeline and ``load_components`` load. The
-    folder appears whole (written beside it, then renamed); an existing preset folder is replaced."""
-    path = Path(path)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise FinetuneError(f"{path} exists and is not a saved pipeline; choose an empty or new folder")
-    components = build_preset(name, seed)
-    with atomic_dir(path) as tmp, common.quiet_progress():  # no "Writing model shards" bar per text encoder
-        pipeline_from_components(components).save_pretrained(tmp, safe_serialization=True)
-        if path.exists():
-            shutil.rmtree(path)
-    return path
+    """Write ``preset:<name>`` as a diffusers folder that the family's pipeline and ``load_components`` load
+    (``common.save_preset_folder``: whole or not at all)."""
+    return common.save_preset_folder(path, lambda: pipeline_from_components(build_preset(name, seed)))

@@ -10,7 +10,6 @@ noisy tokens' prediction is used (``FluxKontextPipeline.prepare_latents`` and it
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.errors import EXIT_USAGE, FinetuneError
-from finetune.files import atomic_dir
 from finetune.models import flux1
-from finetune.models.common import check_folder_parts, preset_name, quiet_progress, render, transformer_bf16_gib
+from finetune.models.common import check_folder_parts, preset_name, render, save_preset_folder, transformer_bf16_gib
 from finetune.models.flux1 import (  # the same parts, encoders and latent layout as FLUX.1
     BFL_BLOCKS,
     BFL_ROW_RATIOS,
@@ -154,17 +152,9 @@ def sampling_pipeline(transformer: Any, vae: Any, scheduler: Any) -> FluxKontext
 
 
 def save_preset(name: str, path: Path, seed: int = 0) -> Path:
-    """Write ``preset:<name>`` as a folder that ``FluxKontextPipeline.from_pretrained`` and ``load_components``
-    load. The folder appears whole (written beside it, then renamed); an existing preset folder is replaced."""
-    path = Path(path)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise FinetuneError(f"{path} exists and is not a saved pipeline; choose an empty or new folder")
-    components = build_preset(name, seed)
-    with atomic_dir(path) as tmp, quiet_progress():
-        pipeline_from_components(components).save_pretrained(tmp, safe_serialization=True)
-        if path.exists():
-            shutil.rmtree(path)
-    return path
+    """Write ``preset:<name>`` as a folder that ``FluxKontextPipeline.from_pretrained`` and ``load_components`` load
+    (``common.save_preset_folder``: whole or not at all)."""
+    return save_preset_folder(path, lambda: pipeline_from_components(build_preset(name, seed)))
 
 
 def load_components(
