@@ -112,3 +112,18 @@ def replicate_stub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("REPLICATE_API_TOKEN", stub.token)
         monkeypatch.setenv("REPLICATE_BASE_URL", stub.url)
         yield stub
+
+
+# ---- tests that train (test_train_local, test_train_flux3, test_ema, test_preservation, test_training_data) -------
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: bitwise comparisons need one thread count, and one is also fastest for the
+    presets' toy sizes on a busy box. Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,13 +14,7 @@ from finetune.config import parse_config
 from finetune.lora import load_lora_file
 from finetune.recipes.train_local import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons need one thread count
 
 
 def _initial_lora(base: str, seed: int) -> dict[str, torch.Tensor]:

@@ -17,13 +17,7 @@ from finetune import metrics
 from finetune.config import parse_config
 from finetune.recipes.train_local import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons need one thread count
 
 
 CLASS_CAPTIONS = [f"a photo of person, picture {i}" for i in range(6)]  # the dataset's captions, TOK → person

@@ -19,13 +19,7 @@ from finetune.registry import Registry
 BASE = "preset:flux3-tiny"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bitwise comparisons need one thread count; one thread is also fastest for these toy sizes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons need one thread count
 
 
 @pytest.fixture

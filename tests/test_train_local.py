@@ -31,13 +31,7 @@ from finetune.registry import Registry
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bitwise comparisons need one thread count; one thread is also fastest for these toy sizes on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons need one thread count
 
 
 def tiny_config(dataset: Path, base_model: str = "preset:tiny", **train_keys) -> dict:
@@ -603,18 +597,22 @@ def test_a_preview_model_that_cannot_take_the_lora_is_refused(work, dataset_zip,
 # ---- edit pairs on FLUX.2 (issue 12): a pair zip from `finetune prepare` --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pair_zip(tmp_path_factory) -> Path:
-    """Three edit pairs with two references each, made by `finetune prepare` (targets and references 64×53)."""
+def prepared_pairs(root: Path, references: int) -> Path:
+    """Three edit pairs with ``references`` references each, made by `finetune prepare` (every image 64×53)."""
     from prepare_fixtures import write_pair_layouts
 
     from finetune.recipes.prepare import prepare
 
-    root = tmp_path_factory.mktemp("pairs")
-    layouts = write_pair_layouts(root, count=3, references=2)
+    layouts = write_pair_layouts(root, count=3, references=references)
     out = root / "pairs.zip"
     prepare([layouts["start-end"]], out, "TOK", max_side=64, min_side=32, progress=False, workers=1)
     return out
+
+
+@pytest.fixture(scope="module")
+def pair_zip(tmp_path_factory) -> Path:
+    """Three edit pairs with two references each."""
+    return prepared_pairs(tmp_path_factory.mktemp("pairs"), references=2)
 
 
 def test_an_edit_pair_zip_trains_resumes_bitwise_and_its_lora_loads_in_the_klein_pipeline(work, pair_zip):
@@ -729,16 +727,8 @@ def test_an_edit_pair_zip_the_base_cannot_take_is_refused_before_work(work, pair
 
 @pytest.fixture(scope="module")
 def kontext_pair_zip(tmp_path_factory) -> Path:
-    """Three edit pairs with one reference each (Kontext takes one), made by `finetune prepare`."""
-    from prepare_fixtures import write_pair_layouts
-
-    from finetune.recipes.prepare import prepare
-
-    root = tmp_path_factory.mktemp("kontext-pairs")
-    layouts = write_pair_layouts(root, count=3, references=1)
-    out = root / "pairs.zip"
-    prepare([layouts["start-end"]], out, "TOK", max_side=64, min_side=32, progress=False, workers=1)
-    return out
+    """Three edit pairs with one reference each (Kontext takes one)."""
+    return prepared_pairs(tmp_path_factory.mktemp("kontext-pairs"), references=1)
 
 
 def test_a_kontext_pair_zip_trains_samples_its_held_out_pair_resumes_bitwise_and_loads_in_the_pipeline(

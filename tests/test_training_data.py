@@ -21,13 +21,7 @@ from finetune.errors import FinetuneError
 from finetune.lora import load_lora_file
 from finetune.recipes.train_local import _Batch, _flow_loss, mask_to_latent_grid, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons need one thread count
 
 
 def with_masks(src: Path, dst: Path, value: int | None = None) -> Path:

@@ -168,16 +168,29 @@ _MISTRAL_TEMPLATE = (
 
 
 def _build_qwen_tokenizer() -> Any:
+    """Qwen3's tokenizer: specials `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (eos), and `<think>`,
+    `</think>` (not special, but atomic), with Qwen3's chat template."""
+    return build_qwen_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        ["<think>", "</think>"],
+        _QWEN3_TEMPLATE,
+        model_max_length=131072,  # Qwen3's; the pipeline passes max_length=512 itself
+        vocab_limit=_VOCAB,
+    )
+
+
+def build_qwen_tokenizer(
+    specials: list[str], atomic: list[str], chat_template: str, *, model_max_length: int, vocab_limit: int
+) -> Any:
     """Qwen2TokenizerFast (in transformers 5 the same class as Qwen2Tokenizer, tokenizers-backed) over a byte-level
     BPE: Qwen's pre-tokenizer regex + ByteLevel, NFC, byte-level decoder (built by the class from vocab + merges).
-    Specials as Qwen3: `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (eos), `<think>`, `</think>` (not
-    special, but atomic)."""
+    ``specials`` then ``atomic`` tokens (kept whole, not special) at the end of the vocabulary, as in Qwen's;
+    `<|endoftext|>` pads on the right and `<|im_end|>` ends, as Qwen3 and Qwen3-VL."""
     from tokenizers import AddedToken
     from transformers import Qwen2TokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     vocab, merges = _byte_bpe({})
-    for tok in specials:  # at the end, as in Qwen's vocabulary
+    for tok in [*specials, *atomic]:
         vocab[tok] = len(vocab)
     tokenizer = Qwen2TokenizerFast(
         vocab=vocab,
@@ -186,13 +199,13 @@ def _build_qwen_tokenizer() -> Any:
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        model_max_length=131072,  # Qwen3's; the pipeline passes max_length=512 itself
+        model_max_length=model_max_length,
         padding_side="right",
-        chat_template=_QWEN3_TEMPLATE,
+        chat_template=chat_template,
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials[:3]], special_tokens=True)
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in specials[3:]])
-    assert len(tokenizer) == len(vocab) <= _VOCAB, (len(tokenizer), len(vocab))
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in atomic])
+    assert len(tokenizer) == len(vocab) <= vocab_limit, (len(tokenizer), len(vocab))
     return tokenizer
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from finetune.models.flux2_presets import _VAE_SMALL, _VAE_TINY, _build_vae, _byte_bpe
+from finetune.models.flux2_presets import _VAE_SMALL, _VAE_TINY, _build_vae, build_qwen_tokenizer
 
 __all__ = ["PRESET_NAMES", "SCHEDULER", "build", "build_tokenizer"]
 
@@ -90,29 +90,15 @@ _SPECIALS = (
 
 
 def build_tokenizer() -> Any:
-    """Qwen2TokenizerFast over a byte-level BPE (Qwen's pre-tokenizer regex + ByteLevel, built by the class from vocab
-    + merges) with Qwen3-VL's specials at the end of the vocabulary and the chat template above; pads with
-    ``<|endoftext|>`` on the right, as the encoder asks."""
-    from tokenizers import AddedToken
-    from transformers import Qwen2TokenizerFast
-
-    vocab, merges = _byte_bpe({})
-    for tok in _SPECIALS:
-        vocab[tok] = len(vocab)
-    tokenizer = Qwen2TokenizerFast(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+    """Qwen3-VL's tokenizer: a byte-level BPE with its specials at the end of the vocabulary and the chat template
+    above (``flux2_presets.build_qwen_tokenizer``); pads with ``<|endoftext|>`` on the right, as the encoder asks."""
+    return build_qwen_tokenizer(
+        list(_SPECIALS),
+        [],
+        _QWEN3_VL_TEMPLATE,
         model_max_length=262144,  # Qwen3-VL's context; the encoder passes its own max_length
-        padding_side="right",
-        chat_template=_QWEN3_VL_TEMPLATE,
+        vocab_limit=_VOCAB,
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIALS], special_tokens=True)
-    assert len(tokenizer) == len(vocab) <= _VOCAB, (len(tokenizer), len(vocab))
-    return tokenizer
 
 
 def _text_encoder(spec: dict[str, Any], tokenizer: Any) -> Any:
