@@ -155,4 +155,5 @@ def test_the_model_card_shows_the_family_pipeline_in_valid_python(tmp_path, line
     ast.parse(code)  # copy-paste ready
     assert f"from diffusers import {pipeline}" in code and 'load_lora_weights("lora.safetensors")' in code
     assert ("image=load_image" in code) == (pipeline == "FluxKontextPipeline")  # an edit LoRA edits an image
+    assert code.rstrip().endswith("[0]") and (".images[0]" in code) == (label != "FLUX 3")  # one image
     assert ("--format comfyui" in card) == (label != "FLUX 3")

@@ -2,9 +2,8 @@
 
 Recipes, the cache and eval speak to a ``Family`` only (``family_for(base_model)``); each family module
 (``flux1``: FLUX.1 dev/schnell/Krea; ``kontext``: FLUX.1 Kontext [dev]; ``flux2``: FLUX.2 dev and klein; ``flux3``:
-FLUX 3 Image Klein) implements
-it as module-level functions, so adding a family is one module, its presets, configs and tests. This package imports
-no torch until a family is asked for, so ``finetune --help`` stays instant.
+FLUX 3 Image Klein) implements it as module-level functions, so adding a family is one module, its presets, configs
+and tests. This package imports no torch until a family is asked for, so ``finetune --help`` stays instant.
 
 The family comes from the base model: a preset name, a known hub id, or the ``_class_name`` of the pipeline in the
 model's ``model_index.json`` (``modular_model_index.json`` for FLUX 3's modular pipeline); anything else is an error
@@ -234,7 +233,8 @@ def usage(base_model: str, family: str, trigger: str = "") -> list[str]:
         ]
     else:
         load = [f'pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")']
-    return [*imports, "", *load, 'pipe.load_lora_weights("lora.safetensors")', f"image = {call}[0]"]
+    first = "[0]" if family == "flux3" else ".images[0]"  # output="images" returns the list itself
+    return [*imports, "", *load, 'pipe.load_lora_weights("lora.safetensors")', f"image = {call}{first}"]
 
 
 def family_for(base_model: str) -> Family:
