@@ -1,4 +1,4 @@
-"""finetune: fine-tune FLUX.1 and FLUX.2 with LoRA, locally or on Replicate, and compare the versions you get.
+"""finetune: fine-tune FLUX (1, Kontext, 2, 3) with LoRA, locally or on Replicate, and compare the versions you get.
 
 The Python API mirrors the CLI: ``prepare``, ``train``, ``evaluate``. Importing this package is cheap; torch and
 diffusers load when a function that needs them runs.
