@@ -597,13 +597,13 @@ def test_a_preview_model_that_cannot_take_the_lora_is_refused(work, dataset_zip,
 # ---- edit pairs on FLUX.2 (issue 12): a pair zip from `finetune prepare` --------------------------------------------
 
 
-def prepared_pairs(root: Path, references: int) -> Path:
-    """Three edit pairs with ``references`` references each, made by `finetune prepare` (every image 64×53)."""
+def prepared_pairs(root: Path, references: int, count: int = 3) -> Path:
+    """``count`` edit pairs with ``references`` references each, made by `finetune prepare` (every image 64×53)."""
     from prepare_fixtures import write_pair_layouts
 
     from finetune.recipes.prepare import prepare
 
-    layouts = write_pair_layouts(root, count=3, references=references)
+    layouts = write_pair_layouts(root, count=count, references=references)
     out = root / "pairs.zip"
     prepare([layouts["start-end"]], out, "TOK", max_side=64, min_side=32, progress=False, workers=1)
     return out
@@ -823,3 +823,22 @@ def test_a_pair_zip_without_sample_inputs_samples_its_first_two_pairs_on_flux2(w
         first = Image.open(io.BytesIO(zf.read(items[0].references[1].name))).convert("RGB")
     fitted = models.fit_inputs([first], 64)[0]
     assert np.array_equal(np.asarray(Image.open(folder / "prompt0-input_2.png")), np.asarray(fitted))
+
+
+def test_sample_inputs_hold_out_a_pair_of_the_second_zip_of_a_dataset_list(work, kontext_pair_zip, tmp_path):
+    """dataset:<stem> finds the pair in whichever zip of the list holds it, reads its reference from that zip, and
+    holds out that pair only."""
+    from PIL import Image
+
+    more = prepared_pairs(tmp_path / "more", references=1, count=4)  # pair0-2 again, and pair3
+    data = tiny_config(kontext_pair_zip, "preset:kontext-tiny", steps=1, output_dir=str(work / "run"))
+    data["dataset"] = [str(kontext_pair_zip), {"path": str(more), "repeats": 2}]
+    sample = {"every": 1, "seeds": [1], "steps": 1, "size": 64, "inputs": ["dataset:pair3"]}
+    train(parse_config({**data, "sample": sample}))
+    assert "6 images" in (work / "run" / "train.log").read_text()  # 3 + 4 pairs, pair3 held out
+    with zipfile.ZipFile(more) as zf:
+        (row,) = [json.loads(x) for x in zf.read("metadata.jsonl").decode().splitlines() if "pair3_end" in x]
+        reference = Image.open(io.BytesIO(zf.read(row["references"][0]["file_name"]))).convert("RGB")
+    fitted = models.fit_inputs([reference], 64)[0]
+    input_png = Image.open(work / "run" / "samples" / "step-000000" / "prompt0-input.png")
+    assert np.array_equal(np.asarray(input_png), np.asarray(fitted))

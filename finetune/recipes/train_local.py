@@ -840,7 +840,7 @@ def _sample_inputs(cfg: Config, family, dataset) -> tuple[Dataset, list[str], li
                         EXIT_USAGE,
                     )
                 chosen.append(by_stem[stem])
-                held.add(by_stem[stem].name)
+                held.add((dataset.zip_of(by_stem[stem]), by_stem[stem].name))
             else:
                 chosen.append(Path(entry).expanduser())
         if not explicit and any(isinstance(c, Path) for c in chosen):
@@ -855,16 +855,16 @@ def _sample_inputs(cfg: Config, family, dataset) -> tuple[Dataset, list[str], li
             EXIT_USAGE,
         )
     inputs = []
-    with zipfile.ZipFile(dataset.path) as zf:
-        for choice in chosen:
-            try:
-                if isinstance(choice, Path):
-                    with Image.open(choice) as im:
-                        inputs.append([im.convert("RGB")])
-                else:
+    for choice in chosen:
+        try:
+            if isinstance(choice, Path):
+                with Image.open(choice) as im:
+                    inputs.append([im.convert("RGB")])
+            else:  # a pair's references, from the zip that holds it (a dataset list has several)
+                with zipfile.ZipFile(dataset.zip_of(choice)) as zf:
                     inputs.append([Image.open(io.BytesIO(zf.read(r.name))).convert("RGB") for r in choice.references])
-            except (OSError, ValueError) as e:
-                raise FinetuneError(f"sample.inputs: cannot read {choice} as an image ({e})", EXIT_USAGE) from e
+        except (OSError, ValueError) as e:
+            raise FinetuneError(f"sample.inputs: cannot read {choice} as an image ({e})", EXIT_USAGE) from e
     if len(inputs[0]) > family.MAX_REFERENCES or any(len(i) != len(inputs[0]) for i in inputs):
         raise FinetuneError(
             f"sample.inputs: every sample needs the same number of input images, at most {family.MAX_REFERENCES} "
@@ -872,23 +872,27 @@ def _sample_inputs(cfg: Config, family, dataset) -> tuple[Dataset, list[str], li
             EXIT_USAGE,
         )
     prompts = list(cfg.sample.prompts) if explicit else [c.caption for c in chosen]
-    kept = tuple(item for item in dataset.items if item.name not in held)
+    kept = tuple(item for item in dataset.items if (dataset.zip_of(item), item.name) not in held)
     if not kept:
         raise FinetuneError("sample.inputs: every pair of the dataset is held out; keep at least one to train on")
     return dataclasses.replace(dataset, items=kept), prompts, inputs
 
 
 def _pairs_by_stem(dataset: Dataset) -> dict[str, Item]:
-    """The pairs of a pair zip by stem: its own (``<stem>_end.png``, a content hash after `finetune prepare`) and the
-    one it was prepared from (``metadata.jsonl`` ``source``: ``pair1`` for ``photos/pair1_end.jpg``)."""
-    pairs = {item.name: item for item in dataset.items if item.references}
-    by_stem = {name.rsplit(".", 1)[0].removesuffix("_end"): item for name, item in pairs.items()}
-    with zipfile.ZipFile(dataset.path) as zf:
-        lines = zf.read("metadata.jsonl").decode().splitlines() if "metadata.jsonl" in zf.namelist() else []
-    for line in lines:
-        row = json.loads(line) if line.strip() else {}
-        if row.get("file_name") in pairs and isinstance(row.get("source"), str):
-            by_stem.setdefault(Path(row["source"]).stem.removesuffix("_end"), pairs[row["file_name"]])
+    """The pairs of the pair zip(s) by stem: their own (``<stem>_end.png``, a content hash after `finetune prepare`)
+    and the one each was prepared from (``metadata.jsonl`` ``source``: ``pair1`` for ``photos/pair1_end.jpg``); with
+    a dataset list, the first zip that has a stem wins."""
+    pairs = {(dataset.zip_of(item), item.name): item for item in dataset.items if item.references}
+    by_stem: dict[str, Item] = {}
+    for (_, name), item in pairs.items():
+        by_stem.setdefault(name.rsplit(".", 1)[0].removesuffix("_end"), item)
+    for path in dict.fromkeys(zip_path for zip_path, _ in pairs):
+        with zipfile.ZipFile(path) as zf:
+            lines = zf.read("metadata.jsonl").decode().splitlines() if "metadata.jsonl" in zf.namelist() else []
+        for line in lines:
+            row = json.loads(line) if line.strip() else {}
+            if (path, row.get("file_name")) in pairs and isinstance(row.get("source"), str):
+                by_stem.setdefault(Path(row["source"]).stem.removesuffix("_end"), pairs[(path, row["file_name"])])
     return by_stem
 
 
