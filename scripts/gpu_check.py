@@ -16,6 +16,8 @@ Measures, each section independent (an error is recorded, the others still run):
               ((1, 1), (2, 1), (1, 2) double/single blocks), and from their differences the peak of the whole model
               (``estimated_peak_gib``: per-block cost × the real block counts). Targets (issue 11): klein 9B ≤ 16 GB
               and klein 4B ≤ 12 GB with int8 and checkpointing; [dev] ≤ 48 GB per GPU.
+  flux2_edit  the klein 4B and 9B int8 steps with one reference latent after the noisy tokens (edit LoRAs, issue
+              12: twice the image tokens): the same figures, for what an edit LoRA needs on a 16/24 GB card.
 Peak GPU memory is reported per section. T5 ``max_sequence_length`` is 64, as in issue 3's speed figures.
 
     python scripts/gpu_check.py [--out summary.json]      # on a CUDA machine
@@ -86,9 +88,12 @@ FLUX2_SIZES = {
 }
 
 
-def _flux2_step(name: str, double: int, single: int, size: int, device, dtype, steps: int, quantize: bool, dry: bool):
+def _flux2_step(
+    name: str, double: int, single: int, size: int, device, dtype, steps: int, quantize: bool, dry: bool, refs: int = 0
+):
     """One fused LoRA step (rank 16, all-linear, gradient checkpointing) on a FLUX.2 transformer with ``name``'s
-    dimensions and ``double``/``single`` blocks, through the family interface; s/step, weights and peak GiB."""
+    dimensions and ``double``/``single`` blocks, through the family interface; s/step, weights and peak GiB. ``refs``
+    reference latents of the target's size follow the noisy tokens (edit LoRAs: each doubles the image tokens)."""
     from diffusers import Flux2Transformer2DModel
 
     from finetune import lora
@@ -117,13 +122,15 @@ def _flux2_step(name: str, double: int, single: int, size: int, device, dtype, s
     text = {"prompt_embeds": torch.randn(1, SEQ, spec["joint_attention_dim"], generator=g, device=device, dtype=dtype)}
     img_ids, txt_ids = flux2.image_ids(latents.shape, device, dtype), flux2.text_ids(SEQ, device, dtype)
     guidance = 1.0 if spec["guidance_embeds"] else None
+    references = [torch.randn(latents.shape, generator=g, device=device, dtype=dtype) for _ in range(refs)] or None
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         noise = torch.randn_like(latents)
         sigma = torch.full((1,), 0.5, device=device, dtype=dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            pred = flux2.predict(model, (1 - sigma) * latents + sigma * noise, sigma, text, img_ids, txt_ids, guidance)
+            noisy = (1 - sigma) * latents + sigma * noise
+            pred = flux2.predict(model, noisy, sigma, text, img_ids, txt_ids, guidance, references)
         loss = torch.nn.functional.mse_loss(pred.float(), flux2.pack_latents(noise - latents).float())
         loss.backward()
         optimizer.step()
@@ -133,13 +140,14 @@ def _flux2_step(name: str, double: int, single: int, size: int, device, dtype, s
     return {"s_per_step_median": statistics.median(times[2:]), "weight_gib": weight_gib, "peak_gib": _peak_gib(device)}
 
 
-def _flux2(name: str, size: int, device, dtype, steps: int, quantize: bool, dry: bool) -> dict:
+def _flux2(name: str, size: int, device, dtype, steps: int, quantize: bool, dry: bool, refs: int = 0) -> dict:
     """``_flux2_step`` at depths (1, 1), (2, 1), (1, 2); the whole model's peak and weights extrapolated from the
     per-double-block and per-single-block differences."""
     runs = {}
     for double, single in ((1, 1), (2, 1), (1, 2)):
         _peak_reset(device)
-        runs[f"{double}x{single}"] = _flux2_step(name, double, single, size, device, dtype, steps, quantize, dry)
+        call = (name, double, single, size, device, dtype, steps, quantize, dry, refs)
+        runs[f"{double}x{single}"] = _flux2_step(*call)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     one, d2, s2 = runs["1x1"], runs["2x1"], runs["1x2"]
@@ -354,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         for quantize in (False, True):
             call = (name, dev_size, device, dtype, 4 if dry else 8, quantize, dry)
             _section(summary, f"flux2_{name}_{'int8' if quantize else 'bf16'}_{dev_size}", device, _flux2, *call)
+    for name in ("klein_4b", "klein_9b"):  # edit LoRAs: one reference at the target's size, int8 as on 16-24 GB
+        call = (name, dev_size, device, dtype, 4 if dry else 8, True, dry, 1)
+        _section(summary, f"flux2_edit_{name}_int8_{dev_size}", device, _flux2, *call)
     try:
         import finetune.recipes.train_local  # noqa: F401
     except Exception as e:
