@@ -16,8 +16,9 @@ Measures, each section independent (an error is recorded, the others still run):
               ((1, 1), (2, 1), (1, 2) double/single blocks), and from their differences the peak of the whole model
               (``estimated_peak_gib``: per-block cost × the real block counts). Targets (issue 11): klein 9B ≤ 16 GB
               and klein 4B ≤ 12 GB with int8 and checkpointing; [dev] ≤ 48 GB per GPU.
-  flux2_edit  the klein 4B and 9B int8 steps with one reference latent after the noisy tokens (edit LoRAs, issue
-              12: twice the image tokens): the same figures, for what an edit LoRA needs on a 16/24 GB card.
+  flux3       the same for FLUX 3 Image Klein's dimensions (5 per-mode + 28 joint blocks, 80 text tokens).
+  *_edit      the klein 4B, 9B and FLUX 3 int8 steps with one reference latent, placed as each family places it
+              (edit LoRAs, issue 12: twice the image tokens), for what an edit LoRA needs on a 16/24 GB card.
 Peak GPU memory is reported per section. T5 ``max_sequence_length`` is 64, as in issue 3's speed figures.
 
     python scripts/gpu_check.py [--out summary.json]      # on a CUDA machine
@@ -88,16 +89,22 @@ FLUX2_SIZES = {
 }
 
 
-def _flux2_step(
-    name: str, double: int, single: int, size: int, device, dtype, steps: int, quantize: bool, dry: bool, refs: int = 0
-):
-    """One fused LoRA step (rank 16, all-linear, gradient checkpointing) on a FLUX.2 transformer with ``name``'s
-    dimensions and ``double``/``single`` blocks, through the family interface; s/step, weights and peak GiB. ``refs``
-    reference latents of the target's size follow the noisy tokens (edit LoRAs: each doubles the image tokens)."""
-    from diffusers import Flux2Transformer2DModel
+# FLUX 3 Image Klein: Flux3Transformer2DModel's defaults are the real model (5 per-mode blocks, 28 joint single
+# blocks, 24 heads × 128, joint dim 20480 = 8 Qwen3-VL layers × 2560); 80 text tokens, its window unit.
+FLUX3_SIZES = {"klein": dict(blocks=(5, 28))}
+FLUX3_TEXT = 80
 
-    from finetune import lora
-    from finetune.models import flux2
+
+def _transformer(family: str, name: str, double: int, single: int, dry: bool) -> tuple:
+    """A FLUX.2 or FLUX 3 transformer with ``name``'s dimensions (toy ones for a dry run) and ``double``/``single``
+    blocks; with its joint attention width, text length and guidance."""
+    if family == "flux3":
+        from diffusers import Flux3Transformer2DModel
+
+        dims = dict(num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4,) * 4, joint_attention_dim=24)
+        model = Flux3Transformer2DModel(num_layers=double, num_single_layers=single, **(dims if dry else {}))
+        return model, model.config.joint_attention_dim, FLUX3_TEXT, None
+    from diffusers import Flux2Transformer2DModel
 
     spec = dict(FLUX2_SIZES[name])
     spec.pop("blocks")
@@ -105,8 +112,22 @@ def _flux2_step(
     if dry:
         spec.update(num_attention_heads=2, joint_attention_dim=24)
         dims = dict(attention_head_dim=16, axes_dims_rope=(4, 4, 4, 4))
+    model = Flux2Transformer2DModel(num_layers=double, num_single_layers=single, **dims, **spec)
+    return model, spec["joint_attention_dim"], SEQ, 1.0 if spec["guidance_embeds"] else None
+
+
+def _block_step(
+    family: str, name: str, double: int, single: int, size: int, device, dtype, steps, quantize, dry, refs: int = 0
+):
+    """One fused LoRA step (rank 16, all-linear, gradient checkpointing) on a ``family`` (flux2, flux3) transformer
+    with ``name``'s dimensions and ``double``/``single`` blocks, through the family interface; s/step, weights and
+    peak GiB. ``refs`` reference latents of the target's size go in as the family places them (edit LoRAs)."""
+    from finetune import lora, models
+
+    fam = models.family_module(family)
     with torch.device(device):
-        model = Flux2Transformer2DModel(num_layers=double, num_single_layers=single, **dims, **spec).to(dtype)
+        model, joint_dim, text_len, guidance = _transformer(family, name, double, single, dry)
+        model = model.to(dtype)
     model.requires_grad_(False)
     if quantize:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -119,9 +140,10 @@ def _flux2_step(
     optimizer = torch.optim.AdamW(lora.lora_parameters(model), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator(device).manual_seed(0)
     latents = torch.randn(1, 128, size // 16, size // 16, generator=g, device=device, dtype=dtype)
-    text = {"prompt_embeds": torch.randn(1, SEQ, spec["joint_attention_dim"], generator=g, device=device, dtype=dtype)}
-    img_ids, txt_ids = flux2.image_ids(latents.shape, device, dtype), flux2.text_ids(SEQ, device, dtype)
-    guidance = 1.0 if spec["guidance_embeds"] else None
+    text = {"prompt_embeds": torch.randn(1, text_len, joint_dim, generator=g, device=device, dtype=dtype)}
+    if family == "flux3":
+        text["text_mask"] = torch.ones(1, text_len, device=device)  # the whole window is the prompt
+    img_ids, txt_ids = fam.image_ids(latents.shape, device, dtype), fam.text_ids(text_len, device, dtype)
     references = [torch.randn(latents.shape, generator=g, device=device, dtype=dtype) for _ in range(refs)] or None
     times = []
     for _ in range(steps):
@@ -130,8 +152,8 @@ def _flux2_step(
         sigma = torch.full((1,), 0.5, device=device, dtype=dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             noisy = (1 - sigma) * latents + sigma * noise
-            pred = flux2.predict(model, noisy, sigma, text, img_ids, txt_ids, guidance, references)
-        loss = torch.nn.functional.mse_loss(pred.float(), flux2.pack_latents(noise - latents).float())
+            pred = fam.predict(model, noisy, sigma, text, img_ids, txt_ids, guidance, references)
+        loss = torch.nn.functional.mse_loss(pred.float(), fam.pack_latents(noise - latents).float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -140,18 +162,18 @@ def _flux2_step(
     return {"s_per_step_median": statistics.median(times[2:]), "weight_gib": weight_gib, "peak_gib": _peak_gib(device)}
 
 
-def _flux2(name: str, size: int, device, dtype, steps: int, quantize: bool, dry: bool, refs: int = 0) -> dict:
-    """``_flux2_step`` at depths (1, 1), (2, 1), (1, 2); the whole model's peak and weights extrapolated from the
+def _blocks(family: str, name: str, size: int, device, dtype, steps: int, quantize: bool, dry: bool, refs: int = 0):
+    """``_block_step`` at depths (1, 1), (2, 1), (1, 2); the whole model's peak and weights extrapolated from the
     per-double-block and per-single-block differences."""
     runs = {}
     for double, single in ((1, 1), (2, 1), (1, 2)):
         _peak_reset(device)
-        call = (name, double, single, size, device, dtype, steps, quantize, dry, refs)
-        runs[f"{double}x{single}"] = _flux2_step(*call)
+        call = (family, name, double, single, size, device, dtype, steps, quantize, dry, refs)
+        runs[f"{double}x{single}"] = _block_step(*call)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     one, d2, s2 = runs["1x1"], runs["2x1"], runs["1x2"]
-    n_double, n_single = FLUX2_SIZES[name]["blocks"]
+    n_double, n_single = (FLUX3_SIZES if family == "flux3" else FLUX2_SIZES)[name]["blocks"]
     out = {"runs": runs}
     for key in ("peak_gib", "weight_gib"):
         if one[key] is not None:
@@ -358,13 +380,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, fused, compile, quantize in kinds + (("int8", True, False, True), ("int8_compiled", True, True, True)):
         call = (lambda: _dev_blocks(device, dtype, dry), dev_size, device, dtype, steps, fused, compile, quantize)
         _section(summary, f"dev_blocks_{name}_{dev_size}", device, _eager, *call)
-    for name in FLUX2_SIZES:
-        for quantize in (False, True):
-            call = (name, dev_size, device, dtype, 4 if dry else 8, quantize, dry)
-            _section(summary, f"flux2_{name}_{'int8' if quantize else 'bf16'}_{dev_size}", device, _flux2, *call)
-    for name in ("klein_4b", "klein_9b"):  # edit LoRAs: one reference at the target's size, int8 as on 16-24 GB
-        call = (name, dev_size, device, dtype, 4 if dry else 8, True, dry, 1)
-        _section(summary, f"flux2_edit_{name}_int8_{dev_size}", device, _flux2, *call)
+    few = 4 if dry else 8
+    for family, sizes_of in (("flux2", FLUX2_SIZES), ("flux3", FLUX3_SIZES)):
+        for name in sizes_of:
+            for quantize in (False, True):
+                call = (family, name, dev_size, device, dtype, few, quantize, dry)
+                section = f"{family}_{name}_{'int8' if quantize else 'bf16'}_{dev_size}"
+                _section(summary, section, device, _blocks, *call)
+    for family, name in (("flux2", "klein_4b"), ("flux2", "klein_9b"), ("flux3", "klein")):  # edit LoRAs: one
+        call = (family, name, dev_size, device, dtype, few, True, dry, 1)  # reference, int8 as on 16-24 GB cards
+        _section(summary, f"{family}_edit_{name}_int8_{dev_size}", device, _blocks, *call)
     try:
         import finetune.recipes.train_local  # noqa: F401
     except Exception as e:

@@ -35,6 +35,7 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
             runs = sections[f"flux2_{name}_{weights}_64"]["runs"]
             assert all(run["s_per_step_median"] > 0 for run in runs.values())
             assert "estimated_weight_gib" in sections[f"flux2_{name}_{weights}_64"]
-    for name in ("klein_4b", "klein_9b"):
-        runs = sections[f"flux2_edit_{name}_int8_64"]["runs"]
-        assert all(run["s_per_step_median"] > 0 for run in runs.values())
+    for section in ("flux3_klein_bf16_64", "flux3_klein_int8_64", "flux2_edit_klein_4b_int8_64",
+                    "flux2_edit_klein_9b_int8_64", "flux3_edit_klein_int8_64"):  # fmt: skip
+        assert all(run["s_per_step_median"] > 0 for run in sections[section]["runs"].values())
+        assert "estimated_weight_gib" in sections[section]
