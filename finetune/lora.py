@@ -313,11 +313,12 @@ def set_lora_state(transformer: nn.Module, state_dict: dict[str, torch.Tensor]) 
 
 
 def ema_weights(transformer: nn.Module, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """A float32 copy of the LoRA weights under their file keys, on ``device``: the start of an EMA."""
+    """A float32 copy of the whole LoRA weights under their file keys, on ``device``: the start of an EMA. Under FSDP
+    every process must call it (the shards are gathered) and holds the whole EMA."""
     import torch
 
     return {
-        k: p.detach().to(device=device, dtype=torch.float32, copy=True)
+        k: _full(p.detach()).to(device=device, dtype=torch.float32, copy=True)
         for k, p in _lora_params_by_key(transformer).items()
     }
 
@@ -331,9 +332,9 @@ def update_ema(ema: dict[str, torch.Tensor], transformer: nn.Module, decay: floa
     import torch
 
     with torch.no_grad():
-        for key, param in _lora_params_by_key(transformer).items():
+        for key, param in _lora_params_by_key(transformer).items():  # FSDP: every process gathers, as for a save
             e = ema[key]
-            e.lerp_(param.detach().to(device=e.device, dtype=e.dtype), 1.0 - decay)
+            e.lerp_(_full(param.detach()).to(device=e.device, dtype=e.dtype), 1.0 - decay)
 
 
 @contextlib.contextmanager

@@ -361,6 +361,8 @@ def test_loss_falls(work, finetune_home, seed):
 def test_two_processes_match_one_and_register_once(work, dataset_zip, tmp_path, base, quantize, fsdp):
     data = tiny_config(dataset_zip, base, steps=4, batch_size=2, save_every=2, quantize=quantize)
     data["lora"] = {"save_dtype": "float32"}  # compare the trained weights, not their bf16 rounding
+    if fsdp:  # the EMA of a sharded LoRA: gathered each step, checkpointed whole, registered (train.ema)
+        data["train"]["ema"] = {"decay": 0.5}
     config = work / "cfg.yaml"
     config.write_text(yaml.safe_dump(data))
     single_home, multi_home = tmp_path / "single", tmp_path / "multi"

@@ -131,12 +131,6 @@ def train(cfg: Config, *, resume: bool | str = False, registry: Registry | None 
             "train.compile=false or train.quantize=none",
             EXIT_USAGE,
         )
-    if sharded and cfg.train.ema.decay:
-        raise FinetuneError(
-            "train.ema.decay: the EMA of a LoRA sharded with FSDP (accelerate launch --use_fsdp) is not supported "
-            "yet; launch without FSDP (data-parallel) or set train.ema.decay=0",
-            EXIT_USAGE,
-        )
     if sharded and (quantize or cfg.train.compile):
         raise FinetuneError(
             "FSDP (accelerate launch --use_fsdp) shards bf16 base weights: set train.quantize=none and "
