@@ -630,16 +630,22 @@ def test_an_edit_pair_zip_trains_resumes_bitwise_and_its_lora_loads_in_the_klein
     assert Registry().resolve("me/tok").id == full.id and full.lineage["family"] == "flux2"
     rows = [json.loads(line) for line in (work / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    shutil.copytree(work / "a", work / "b")  # a copy that stopped after its step-3 checkpoint
+    _assert_a_copy_stopped_at_step_3_resumes_bitwise(work, config, full)
+
+    pipe = flux2.pipeline_from_components(flux2.build_preset("flux2-tiny"))
+    assert isinstance(pipe, Flux2KleinPipeline)
+    _assert_edit_lora_loads_and_equals_the_trained_model(flux2, "flux2-tiny", pipe, full.lora_path, 4, 8)
+
+
+def _assert_a_copy_stopped_at_step_3_resumes_bitwise(work, config, full):
+    """A copy of run ``work/a`` (6 steps, checkpoints every 3) without its last checkpoint and LoRA resumes from
+    step 3 to the same version, byte for byte."""
+    shutil.copytree(work / "a", work / "b")
     shutil.rmtree(work / "b" / "checkpoints" / "step-000006")
     (work / "b" / "lora.safetensors").unlink()
     resumed = train(config(output_dir=str(work / "b")), resume=True)
     assert resumed.id == full.id
     assert (work / "b" / "lora.safetensors").read_bytes() == (work / "a" / "lora.safetensors").read_bytes()
-
-    pipe = flux2.pipeline_from_components(flux2.build_preset("flux2-tiny"))
-    assert isinstance(pipe, Flux2KleinPipeline)
-    _assert_edit_lora_loads_and_equals_the_trained_model(flux2, "flux2-tiny", pipe, full.lora_path, 4, 8)
 
 
 def _assert_edit_lora_loads_and_equals_the_trained_model(family, preset, pipe, path, rank, alpha):
@@ -760,12 +766,7 @@ def test_a_kontext_pair_zip_trains_samples_its_held_out_pair_resumes_bitwise_and
     assert np.array_equal(np.asarray(grid)[:, : input_image.width], np.asarray(input_image))
     assert (work / "a" / "samples" / "step-000003" / "grid.png").is_file()
 
-    shutil.copytree(work / "a", work / "b")  # a copy that stopped after its step-3 checkpoint
-    shutil.rmtree(work / "b" / "checkpoints" / "step-000006")
-    (work / "b" / "lora.safetensors").unlink()
-    resumed = train(config(output_dir=str(work / "b")), resume=True)
-    assert resumed.id == full.id
-    assert (work / "b" / "lora.safetensors").read_bytes() == (work / "a" / "lora.safetensors").read_bytes()
+    _assert_a_copy_stopped_at_step_3_resumes_bitwise(work, config, full)
 
     pipe = kontext.pipeline_from_components(kontext.build_preset("kontext-tiny"))
     assert isinstance(pipe, FluxKontextPipeline)
