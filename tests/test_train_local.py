@@ -845,3 +845,41 @@ def test_sample_inputs_hold_out_a_pair_of_the_second_zip_of_a_dataset_list(work,
     fitted = models.fit_inputs([reference], 64)[0]
     input_png = Image.open(work / "run" / "samples" / "step-000000" / "prompt0-input.png")
     assert np.array_equal(np.asarray(input_png), np.asarray(fitted))
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+def test_flip_mirrors_a_pairs_reference_with_its_target(work, kontext_pair_zip, monkeypatch, mirror):
+    """train.flip on edit pairs: a sample that uses the mirrored target also gets its mirrored reference (the VAE mean
+    of the flipped bucket image, normalized and packed), never the upright one; and the reverse."""
+    from diffusers import FluxTransformer2DModel
+
+    from finetune.dataset import assign_buckets, load_bucket_image, read_dataset
+    from finetune.models import kontext
+    from finetune.recipes import train_local
+
+    monkeypatch.setattr(train_local, "_coin", lambda seed: mirror)  # every sample takes the same side
+    calls = []
+    forward = FluxTransformer2DModel.forward
+
+    def record(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training steps, not the validation loss
+            calls.append(kwargs["hidden_states"].detach().clone())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", record)
+    train(parse_config(tiny_config(kontext_pair_zip, "preset:kontext-tiny", steps=2, flip=True)))
+    vae = kontext.load_components("preset:kontext-tiny", parts=("vae",)).vae
+    items = read_dataset(kontext_pair_zip, "TOK").items
+    candidates = {True: [], False: []}  # every pair's packed reference, mirrored and upright
+    with zipfile.ZipFile(kontext_pair_zip) as zf:
+        for entry in assign_buckets(items, [32], multiple=16):
+            image = load_bucket_image(zf, items[entry.item].references[0].name, entry.bucket)
+            x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()[None] / 127.5 - 1.0
+            for flipped in (True, False):
+                mean = kontext.encode_images(vae, x.flip(-1) if flipped else x)[0]
+                candidates[flipped].append(kontext.pack_latents(kontext.normalize_latents(mean, vae))[0])
+    assert len(calls) == 2
+    for hidden in calls:
+        reference = hidden[0, hidden.shape[1] // 2 :]  # the reference's tokens follow the target's
+        assert any(torch.allclose(reference, c, atol=1e-5) for c in candidates[mirror])
+        assert not any(torch.allclose(reference, c, atol=1e-5) for c in candidates[not mirror])
